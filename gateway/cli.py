@@ -1,0 +1,75 @@
+"""The `gateway` command: run the local stack, migrate the database, inspect dead letters."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gateway.localstack import (
+    SYSTEM_PACKAGES,
+    TEST_PACKAGES,
+    LocalStack,
+    StackError,
+    require_system_packages,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    stack = commands.add_parser("stack", help="run the whole stack locally, without Docker")
+    stack.add_argument("action", choices=["run", "up", "down", "status", "install"])
+    stack.add_argument(
+        "--name", choices=["dev", "test"], default="dev", help="which stack (ports differ)"
+    )
+    stack.add_argument("--infra-only", action="store_true", help="no bridge, worker or api")
+    stack.add_argument(
+        "--with-test-tools", action="store_true", help="install: also the test suite's clients"
+    )
+
+    commands.add_parser("migrate", help="apply database migrations (GATEWAY_DATABASE_URL)")
+    commands.add_parser("definitions", help="print rabbitmq/definitions.json from the topology")
+
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except StackError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "stack":
+        stack = LocalStack.test() if args.name == "test" else LocalStack.dev()
+        match args.action:
+            case "run":
+                stack.run()
+            case "up":
+                stack.up(apps=not args.infra_only)
+            case "down":
+                stack.down()
+            case "status":
+                for name, pid in stack.status().items():
+                    print(f"{name:9} {'running, pid ' + str(pid) if pid else 'stopped'}")
+            case "install":
+                packages = {**SYSTEM_PACKAGES, **(TEST_PACKAGES if args.with_test_tools else {})}
+                require_system_packages(packages)
+        return 0
+    if args.command == "migrate":
+        from gateway.db import migrate
+        from gateway.settings import CommonSettings
+
+        migrate(str(CommonSettings().database_url))
+        print("database schema is up to date")
+        return 0
+    if args.command == "definitions":
+        from gateway.topology import render_definitions
+
+        sys.stdout.write(render_definitions())
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

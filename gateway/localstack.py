@@ -1,0 +1,712 @@
+"""The whole stack on one Debian machine, without Docker.
+
+Starts a RabbitMQ node of the project's own (with the MQTT plugin, from `rabbitmq/`), a
+PostgreSQL cluster and a Redis server on ports that never collide with system services, applies
+the migrations, then starts bridge, worker and api. Every process's pid and log live under
+`.run/<stack>/`. Two stacks exist: `dev` (`make run`, `make up`) and `test` (`make test`), on
+different ports, so tests never touch the stack a developer is using.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.topology import SERVICE_PASSWORD, SERVICE_USER
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RABBITMQ_DIR = PROJECT_ROOT / "rabbitmq"
+RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+RABBITMQCTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
+
+#: Debian packages the stack runs on, and the command that shows each is there.
+SYSTEM_PACKAGES = {
+    "rabbitmq-server": str(RABBITMQ_SERVER),
+    "postgresql": "initdb",
+    "redis-server": "redis-server",
+}
+#: Extra Debian packages the test suite uses: real third-party clients and compose's validator.
+TEST_PACKAGES = {
+    "mosquitto-clients": "mosquitto_pub",
+    "docker-compose": "docker-compose",
+}
+
+#: The local stack's database; its role and the broker's service account share the
+#: development credentials of `gateway.topology` (loopback only).
+DATABASE = "gateway"
+
+
+class StackError(RuntimeError):
+    """Something the stack needs is missing or did not start; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    amqp: int
+    mqtt: int
+    management: int
+    prometheus: int
+    dist: int
+    postgres: int
+    redis: int
+    api: int
+    bridge_health: int
+    worker_health: int
+
+
+DEV_PORTS = Ports(5673, 1884, 15673, 15693, 25673, 5433, 6380, 8000, 8010, 8011)
+TEST_PORTS = Ports(5773, 1984, 15773, 15793, 25773, 5533, 6480, 8100, 8110, 8111)
+
+
+@dataclass
+class Component:
+    name: str
+    pid_file: Path
+    log_file: Path
+    #: A word the process's command line must contain (guards against reused pids).
+    signature: str
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if _alive(pid, self.signature) else None
+
+
+@dataclass
+class LocalStack:
+    name: str = "dev"
+    ports: Ports = DEV_PORTS
+    root: Path = PROJECT_ROOT
+    #: Extra GATEWAY_* variables for the app processes.
+    app_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def dev(cls) -> LocalStack:
+        return cls("dev", DEV_PORTS)
+
+    @classmethod
+    def test(cls) -> LocalStack:
+        return cls("test", TEST_PORTS)
+
+    # ---- layout ---------------------------------------------------------------------------
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / ".run" / self.name
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    def component(self, name: str) -> Component:
+        signatures = {
+            "rabbitmq": str(self.run_dir / "rabbitmq" / "home"),
+            "postgres": "postgres",
+            "redis": f":{self.ports.redis}",
+            "bridge": "gateway-bridge",
+            "worker": "gateway-worker",
+            "api": "gateway-api",
+        }
+        if name == "postgres":
+            pid_file = self.run_dir / "postgres" / "data" / "postmaster.pid"
+            log_file = self.run_dir / "postgres" / "postgres.log"
+        else:
+            pid_file = self.run_dir / f"{name}.pid"
+            log_file = self.log_dir / f"{name}.log"
+        return Component(name, pid_file, log_file, signatures[name])
+
+    @property
+    def amqp_url(self) -> str:
+        return f"amqp://{SERVICE_USER}:{SERVICE_PASSWORD}@127.0.0.1:{self.ports.amqp}/%2F"
+
+    @property
+    def database_url(self) -> str:
+        return (
+            f"postgresql+psycopg2://{SERVICE_USER}:{SERVICE_PASSWORD}"
+            f"@127.0.0.1:{self.ports.postgres}/{DATABASE}"
+        )
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports.redis}/0"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.api}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.management}"
+
+    def operator_token(self) -> str:
+        """GATEWAY_OPERATOR_TOKEN when set, else a random one kept in `.run/<stack>/`."""
+        token = os.environ.get("GATEWAY_OPERATOR_TOKEN")
+        if token:
+            return token
+        path = self.run_dir / "operator-token"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(32) + "\n")
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def env(self) -> dict[str, str]:
+        """The environment of the app processes: the stack's connections, plus GATEWAY_*."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env.update({k: v for k, v in os.environ.items() if k.startswith("GATEWAY_")})
+        env.update(
+            GATEWAY_ENVIRONMENT=os.environ.get("GATEWAY_ENVIRONMENT", "development"),
+            GATEWAY_AMQP_URL=self.amqp_url,
+            GATEWAY_DATABASE_URL=self.database_url,
+            GATEWAY_REDIS_URL=self.redis_url,
+            GATEWAY_API_HOST="127.0.0.1",
+            GATEWAY_API_PORT=str(self.ports.api),
+            GATEWAY_BRIDGE_HEALTH_PORT=str(self.ports.bridge_health),
+            GATEWAY_WORKER_HEALTH_PORT=str(self.ports.worker_health),
+            GATEWAY_OPERATOR_TOKEN=self.operator_token(),
+            GATEWAY_LOG_FORMAT=os.environ.get("GATEWAY_LOG_FORMAT", "text"),
+        )
+        env.update(self.app_env)
+        return env
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def up(self, *, apps: bool = True, echo: bool = True) -> None:
+        """Start whatever is not running yet (idempotent) and wait until it is ready."""
+        require_system_packages(SYSTEM_PACKAGES)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.start_rabbitmq()
+        self.start_postgres()
+        self.start_redis()
+        self.wait_infrastructure()
+        self.migrate()
+        if apps:
+            for name in ("worker", "bridge", "api"):
+                self.start_app(name)
+            self.wait_apps()
+        if echo:
+            self.print_summary(apps=apps)
+
+    def down(self, *, echo: bool = True) -> None:
+        """Stop everything this stack started, apps first (idempotent)."""
+        for name in ("api", "bridge", "worker"):
+            self.stop_app(name)
+        self.stop_redis()
+        self.stop_postgres()
+        self.stop_rabbitmq()
+        if echo:
+            print(f"stack {self.name}: stopped")
+
+    def run(self) -> None:
+        """`make run`: start everything, follow until Ctrl-C, then stop everything."""
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        try:
+            self.up()
+            print("Ctrl-C stops the stack.", flush=True)
+            while True:
+                for name in ("worker", "bridge", "api"):
+                    if self.component(name).pid() is None:
+                        print(f"{name} exited; see {self.component(name).log_file}", flush=True)
+                        self.start_app(name)
+                time.sleep(1)
+        except KeyboardInterrupt:
+            print("\nstopping...", flush=True)
+        finally:
+            self.down()
+
+    def status(self) -> dict[str, int | None]:
+        names = ("rabbitmq", "postgres", "redis", "worker", "bridge", "api")
+        return {name: self.component(name).pid() for name in names}
+
+    def print_summary(self, *, apps: bool) -> None:
+        p = self.ports
+        lines = [
+            f"stack {self.name} is up (pids and logs in {self.run_dir})",
+            f"  MQTT        127.0.0.1:{p.mqtt}   (mosquitto_pub -h 127.0.0.1 -p {p.mqtt} ...)",
+            f"  AMQP        {self.amqp_url}",
+            f"  management  {self.management_url}   ({SERVICE_USER} / {SERVICE_PASSWORD})",
+            f"  PostgreSQL  {self.database_url.replace('+psycopg2', '')}",
+            f"  Redis       {self.redis_url}",
+        ]
+        if apps:
+            lines += [
+                f"  API         {self.api_url}   (docs: {self.api_url}/docs)",
+                f"  bridge      http://127.0.0.1:{p.bridge_health}/readyz",
+                f"  worker      http://127.0.0.1:{p.worker_health}/readyz",
+                f"  operator token: {self.operator_token()}",
+            ]
+        lines.append(f"  logs        {self.log_dir}/ and {self.component('postgres').log_file}")
+        print("\n".join(lines), flush=True)
+
+    # ---- RabbitMQ -------------------------------------------------------------------------
+
+    def rabbitmq_env(self) -> dict[str, str]:
+        base = self.run_dir / "rabbitmq"
+        return {
+            **os.environ,
+            "HOME": str(base / "home"),
+            "RABBITMQ_NODENAME": f"gateway-{self.name}@localhost",
+            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(RABBITMQ_DIR / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.log_dir),
+            "RABBITMQ_DIST_PORT": str(self.ports.dist),
+            "RABBITMQ_PID_FILE": str(self.component("rabbitmq").pid_file),
+            "RABBITMQ_ALLOW_INPUT": "false",
+        }
+
+    def rabbitmq_config(self) -> str:
+        """`rabbitmq/rabbitmq.conf` as docker compose mounts it, plus this stack's ports."""
+        shared = (RABBITMQ_DIR / "rabbitmq.conf").read_text()
+        p = self.ports
+        overrides = {
+            "load_definitions": str(RABBITMQ_DIR / "definitions.json"),
+            "listeners.tcp.default": f"127.0.0.1:{p.amqp}",
+            "mqtt.listeners.tcp.default": f"127.0.0.1:{p.mqtt}",
+            "management.tcp.ip": "127.0.0.1",
+            "management.tcp.port": str(p.management),
+            "prometheus.tcp.ip": "127.0.0.1",
+            "prometheus.tcp.port": str(p.prometheus),
+        }
+        return apply_overrides(shared, overrides)
+
+    def start_rabbitmq(self) -> None:
+        if self.component("rabbitmq").pid():
+            return
+        base = self.run_dir / "rabbitmq"
+        for sub in ("home", "mnesia"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        (base / "rabbitmq.conf").write_text(self.rabbitmq_config())
+        _require_free(self.ports.amqp, self.ports.mqtt, self.ports.management, self.ports.dist)
+        subprocess.run(
+            [str(RABBITMQ_SERVER), "-detached"],
+            env=self.rabbitmq_env(),
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def rabbitmq_ready(self) -> bool:
+        """The node is up and has loaded the topology (queues exist before devices connect)."""
+        if not _port_open(self.ports.mqtt) or not _port_open(self.ports.amqp):
+            return False
+        try:
+            self.management("GET", "/api/queues/%2F/gateway.mqtt.inbox")
+        except (OSError, urllib.error.URLError):
+            return False
+        return True
+
+    def management(self, method: str, path: str, body: object | None = None) -> object:
+        """Call the management HTTP API as the service user."""
+        request = urllib.request.Request(
+            self.management_url + path,
+            method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={
+                "Authorization": "Basic "
+                + base64.b64encode(f"{SERVICE_USER}:{SERVICE_PASSWORD}".encode()).decode(),
+                "Content-Type": "application/json",
+            },
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            data = response.read()
+        return json.loads(data) if data else None
+
+    def stop_rabbitmq(self) -> None:
+        component = self.component("rabbitmq")
+        pid = component.pid()
+        if pid is None:
+            return
+        subprocess.run(
+            [str(RABBITMQCTL), "stop", str(component.pid_file)],
+            env=self.rabbitmq_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+            check=False,
+        )
+        _terminate(pid, component.signature, timeout=30)
+
+    # ---- PostgreSQL -----------------------------------------------------------------------
+
+    def start_postgres(self) -> None:
+        if self.component("postgres").pid():
+            return
+        base = self.run_dir / "postgres"
+        data = base / "data"
+        bindir = _postgres_bindir()
+        as_owner = _postgres_runner(base)
+        if not (data / "PG_VERSION").exists():
+            pwfile = base / "pwfile"
+            pwfile.write_text(SERVICE_PASSWORD + "\n")
+            _chown_for_postgres(base)
+            subprocess.run(
+                [
+                    *as_owner,
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    SERVICE_USER,
+                    f"--pwfile={pwfile}",
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                    "--encoding=UTF8",
+                    "--locale=C.UTF-8",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+            pwfile.unlink()
+        _require_free(self.ports.postgres)
+        options = (
+            f"-p {self.ports.postgres} -c listen_addresses=127.0.0.1 -k {base} "
+            "-c max_connections=200 -c shared_buffers=256MB -c synchronous_commit=on"
+        )
+        subprocess.run(
+            [
+                *as_owner,
+                str(bindir / "pg_ctl"),
+                "start",
+                "-D",
+                str(data),
+                "-l",
+                str(self.component("postgres").log_file),
+                "-o",
+                options,
+                "-w",
+                "-t",
+                "60",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        self._create_database()
+
+    def _create_database(self) -> None:
+        import psycopg2
+
+        with contextlib.closing(
+            psycopg2.connect(
+                host="127.0.0.1",
+                port=self.ports.postgres,
+                user=SERVICE_USER,
+                password=SERVICE_PASSWORD,
+                dbname="postgres",
+                connect_timeout=5,
+            )
+        ) as conn:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
+                if cur.fetchone() is None:
+                    cur.execute(f'CREATE DATABASE "{DATABASE}"')
+
+    def stop_postgres(self) -> None:
+        component = self.component("postgres")
+        pid = component.pid()
+        if pid is None:
+            return
+        base = self.run_dir / "postgres"
+        subprocess.run(
+            [
+                *_postgres_runner(base),
+                str(_postgres_bindir() / "pg_ctl"),
+                "stop",
+                "-D",
+                str(base / "data"),
+                "-m",
+                "fast",
+                "-w",
+            ],
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _terminate(pid, component.signature, timeout=30)
+
+    def migrate(self) -> None:
+        from gateway.db import migrate
+
+        migrate(self.database_url)
+
+    # ---- Redis ----------------------------------------------------------------------------
+
+    def start_redis(self) -> None:
+        component = self.component("redis")
+        if component.pid():
+            return
+        directory = self.run_dir / "redis"
+        directory.mkdir(parents=True, exist_ok=True)
+        _require_free(self.ports.redis)
+        subprocess.run(
+            [
+                "redis-server",
+                "--port",
+                str(self.ports.redis),
+                "--bind",
+                "127.0.0.1",
+                "--daemonize",
+                "yes",
+                "--dir",
+                str(directory),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--pidfile",
+                str(component.pid_file),
+                "--logfile",
+                str(component.log_file),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def stop_redis(self) -> None:
+        component = self.component("redis")
+        pid = component.pid()
+        if pid is not None:
+            _terminate(pid, component.signature, timeout=10)
+
+    def redis_ready(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.ports.redis), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    # ---- bridge, worker, api --------------------------------------------------------------
+
+    def start_app(self, name: str, *, env: dict[str, str] | None = None) -> int:
+        component = self.component(name)
+        pid = component.pid()
+        if pid:
+            return pid
+        executable = Path(sys.executable).parent / f"gateway-{name}"
+        if not executable.exists():
+            raise StackError(f"{executable} is missing: run `make install` (pip install -e .)")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with component.log_file.open("ab") as log:
+            process = subprocess.Popen(
+                [str(executable)],
+                env=env or self.env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.root,
+            )
+        component.pid_file.write_text(f"{process.pid}\n")
+        return process.pid
+
+    def stop_app(self, name: str, timeout: float = 15) -> None:
+        component = self.component(name)
+        pid = component.pid()
+        if pid is not None:
+            _terminate(pid, component.signature, timeout=timeout)
+        component.pid_file.unlink(missing_ok=True)
+
+    def app_ready(self, name: str) -> bool:
+        port = {
+            "api": self.ports.api,
+            "bridge": self.ports.bridge_health,
+            "worker": self.ports.worker_health,
+        }[name]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                return r.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    # ---- waiting --------------------------------------------------------------------------
+
+    def wait_infrastructure(self, timeout: float = 90) -> None:
+        _wait(
+            "RabbitMQ",
+            self.rabbitmq_ready,
+            timeout,
+            self.log_dir / f"gateway-{self.name}@localhost.log",
+        )
+        _wait("Redis", self.redis_ready, timeout, self.component("redis").log_file)
+
+    def wait_apps(self, names: tuple[str, ...] = ("worker", "bridge", "api"), timeout=60) -> None:
+        for name in names:
+            component = self.component(name)
+
+            def ready(name: str = name, component: Component = component) -> bool:
+                if component.pid() is None:
+                    raise StackError(f"{name} exited; see {component.log_file}")
+                return self.app_ready(name)
+
+            _wait(name, ready, timeout, component.log_file)
+
+
+def apply_overrides(config: str, overrides: dict[str, str]) -> str:
+    """Replace `key = value` lines of a rabbitmq.conf (appending keys it lacks)."""
+    lines = []
+    pending = dict(overrides)
+    for line in config.splitlines():
+        key = line.split("=", 1)[0].strip()
+        if not line.lstrip().startswith("#") and "=" in line and key in pending:
+            lines.append(f"{key} = {pending.pop(key)}")
+        else:
+            lines.append(line)
+    if pending:
+        lines.append("")
+        lines.append("## Local stack (gateway/localstack.py)")
+        lines.extend(f"{key} = {value}" for key, value in pending.items())
+    return "\n".join(lines) + "\n"
+
+
+# ---- system packages ----------------------------------------------------------------------
+
+
+def missing_packages(packages: dict[str, str]) -> list[str]:
+    return [pkg for pkg, command in packages.items() if not _have(command)]
+
+
+def require_system_packages(packages: dict[str, str]) -> None:
+    """Install missing Debian packages when root; otherwise say what to install."""
+    missing = missing_packages(packages)
+    if not missing:
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise StackError(
+            "missing system packages: "
+            + " ".join(missing)
+            + f"\ninstall them with: sudo apt-get install -y {' '.join(missing)}"
+        )
+    print(f"installing {' '.join(missing)} with apt-get...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], check=True, env=env
+    )
+    still = missing_packages(packages)
+    if still:
+        raise StackError(f"apt-get did not provide: {' '.join(still)}")
+
+
+def _have(command: str) -> bool:
+    if command == "initdb":
+        return _find_postgres_bindir() is not None
+    return Path(command).exists() if command.startswith("/") else shutil.which(command) is not None
+
+
+def _find_postgres_bindir() -> Path | None:
+    candidates = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    if candidates:
+        return candidates[-1].parent
+    found = shutil.which("initdb")
+    return Path(found).resolve().parent if found else None
+
+
+def _postgres_bindir() -> Path:
+    bindir = _find_postgres_bindir()
+    if bindir is None:
+        raise StackError("PostgreSQL is not installed: apt-get install -y postgresql")
+    return bindir
+
+
+def _postgres_runner(base: Path) -> list[str]:
+    """initdb and pg_ctl refuse to run as root: run them as the `postgres` user then."""
+    base.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return []
+    return ["runuser", "-u", "postgres", "--"]
+
+
+def _chown_for_postgres(base: Path) -> None:
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres", "postgres")
+        for path in base.rglob("*"):
+            shutil.chown(path, "postgres", "postgres")
+
+
+# ---- processes ----------------------------------------------------------------------------
+
+
+def _alive(pid: int, signature: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    return state != "Z" and signature in cmdline
+
+
+def _terminate(pid: int, signature: str, timeout: float) -> None:
+    """SIGTERM, wait, then SIGKILL: only the pid we started, checked by its command line."""
+    if not _alive(pid, signature):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid, signature):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _require_free(*ports: int) -> None:
+    taken = [port for port in ports if _port_open(port)]
+    if taken:
+        raise StackError(
+            f"port(s) {', '.join(map(str, taken))} on 127.0.0.1 are taken by another process; "
+            "stop it or run `make down`"
+        )
+
+
+def _wait(what: str, ready, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.1
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(delay)
+        delay = min(delay * 1.5, 1.0)
+    raise StackError(f"{what} was not ready after {timeout:.0f} s; see {log}")
+
+
+@contextlib.contextmanager
+def running(stack: LocalStack, *, apps: bool = True) -> Iterator[LocalStack]:
+    """Start `stack` if needed and stop it afterwards only if this call started it."""
+    was_running = stack.component("rabbitmq").pid() is not None
+    stack.up(apps=apps, echo=False)
+    try:
+        yield stack
+    finally:
+        if not was_running:
+            stack.down(echo=False)

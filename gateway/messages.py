@@ -1,0 +1,191 @@
+"""Canonical messages on the work queue, and dead letters.
+
+The bridge (MQTT) and the api (HTTP) turn what devices send into exactly these models; the
+worker consumes nothing else. Serialized as JSON, one message per AMQP message.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from gateway.errors import InputError, Reason
+from gateway.payload import HeartbeatPayload, MetricValue
+from gateway.topics import DeviceId
+
+#: Namespace of message ids derived from (device_id, msg_id).
+MESSAGE_NAMESPACE = uuid.UUID("6f1d3c1e-3a5b-4d0e-9c1e-2b7a9e5d4c10")
+CONTENT_TYPE = "application/json"
+
+
+class Source(StrEnum):
+    MQTT = "mqtt"
+    HTTP = "http"
+    REPLAY = "replay"
+
+
+class DeviceStatus(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+    NEVER_SEEN = "never_seen"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def idempotency_key(payload: HeartbeatPayload) -> str:
+    """The key that makes a retried heartbeat land once.
+
+    The device's `msg_id` when it sent one; otherwise `seq` together with `ts` (a device's clock
+    and counter name one heartbeat); otherwise a fresh random key, so such heartbeats are stored
+    at least once (send `msg_id` for exactly once across device retries).
+    """
+    if payload.msg_id is not None:
+        return payload.msg_id
+    if payload.seq is not None and payload.ts is not None:
+        return f"seq:{payload.seq}@{payload.ts.isoformat()}"
+    return f"rnd:{uuid.uuid4().hex}"
+
+
+class Heartbeat(BaseModel):
+    """One normalized heartbeat: what the worker stores."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["heartbeat"] = "heartbeat"
+    id: uuid.UUID
+    device_id: DeviceId
+    msg_id: str = Field(min_length=1, max_length=160)
+    seq: int | None = None
+    device_ts: datetime | None = None
+    received_at: datetime
+    source: Source
+    metrics: dict[str, MetricValue] = Field(default_factory=dict)
+
+    @classmethod
+    def from_payload(
+        cls,
+        device_id: str,
+        payload: HeartbeatPayload,
+        source: Source,
+        received_at: datetime | None = None,
+    ) -> Heartbeat:
+        msg_id = idempotency_key(payload)
+        return cls(
+            id=uuid.uuid5(MESSAGE_NAMESPACE, f"{device_id}/{msg_id}"),
+            device_id=device_id,
+            msg_id=msg_id,
+            seq=payload.seq,
+            device_ts=payload.ts,
+            received_at=received_at or utcnow(),
+            source=source,
+            metrics=payload.metrics,
+        )
+
+
+class StatusReport(BaseModel):
+    """A device's own word on its status: `online`, or `offline` (usually its Last Will)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["status"] = "status"
+    id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    device_id: DeviceId
+    status: Literal[DeviceStatus.ONLINE, DeviceStatus.OFFLINE]
+    received_at: datetime = Field(default_factory=utcnow)
+    source: Source
+
+    @classmethod
+    def from_payload(cls, device_id: str, raw: bytes, source: Source) -> StatusReport:
+        text = raw.strip().decode("utf-8", "replace").strip('"').lower()
+        if text not in (DeviceStatus.ONLINE, DeviceStatus.OFFLINE):
+            raise InputError(
+                Reason.INVALID_STATUS,
+                f"status payload must be 'online' or 'offline', not {text[:32]!r}",
+            )
+        return cls(device_id=device_id, status=DeviceStatus(text), source=source)
+
+
+WorkMessage = Annotated[Heartbeat | StatusReport, Field(discriminator="kind")]
+WORK_MESSAGE = TypeAdapter(WorkMessage)
+
+
+def encode_work(message: Heartbeat | StatusReport) -> bytes:
+    return message.model_dump_json().encode()
+
+
+def decode_work(body: bytes) -> Heartbeat | StatusReport:
+    return WORK_MESSAGE.validate_json(body)
+
+
+#: Raw bytes kept with a dead letter; longer payloads are cut (their size is recorded).
+MAX_REJECTED_BYTES = 64 * 1024
+
+
+class Rejection(BaseModel):
+    """Input that could not become a canonical message: a dead letter, with the reason."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    reason: Reason
+    detail: str
+    source: Source
+    device_id: str | None = None
+    topic: str | None = None
+    received_at: datetime = Field(default_factory=utcnow)
+    size: int
+    payload: bytes = Field(max_length=MAX_REJECTED_BYTES)
+
+    @classmethod
+    def of(
+        cls,
+        error: InputError,
+        raw: bytes,
+        source: Source,
+        *,
+        device_id: str | None = None,
+        topic: str | None = None,
+        received_at: datetime | None = None,
+    ) -> Rejection:
+        return cls(
+            reason=error.reason,
+            detail=error.detail,
+            source=source,
+            device_id=device_id[:200] if device_id else None,
+            topic=topic[:500] if topic else None,
+            received_at=received_at or utcnow(),
+            size=len(raw),
+            payload=raw[:MAX_REJECTED_BYTES],
+        )
+
+    def headers(self) -> dict[str, Any]:
+        """AMQP headers for the dead letter; the raw payload travels as the body."""
+        fields = self.model_dump(mode="json", exclude={"payload"}, exclude_none=True)
+        return {f"x-gateway-{key.replace('_', '-')}": value for key, value in fields.items()}
+
+    @classmethod
+    def from_amqp(cls, headers: dict[str, Any], body: bytes) -> Rejection:
+        fields = {
+            key.removeprefix("x-gateway-").replace("-", "_"): _text(value)
+            for key, value in headers.items()
+            if key.startswith("x-gateway-")
+        }
+        return cls.model_validate({**fields, "payload": body})
+
+    @property
+    def payload_preview(self) -> str:
+        try:
+            return self.payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return "base64:" + base64.b64encode(self.payload).decode()
+
+
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,216 @@
+"""The heartbeat payload devices send over MQTT and HTTP, and its parser.
+
+A payload is a JSON object of at most 16 KiB; every field is optional and an empty body is a
+valid (liveness only) heartbeat. `ts`, `seq` and `msg_id` are known fields, metrics come nested
+under `metrics` or as any other top-level key. Every way a payload can be wrong raises
+`InputError` with a reason code and a message that names the problem; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from gateway.errors import InputError, Reason
+
+MAX_PAYLOAD_BYTES = 16 * 1024
+MAX_METRICS = 128
+MAX_METRIC_STRING = 256
+MAX_DEPTH = 4
+#: Integers a metric or `seq` may hold: PostgreSQL's bigint.
+MAX_INT = 2**63 - 1
+#: Epoch values at or above this are milliseconds (1e11 s is the year 5138).
+EPOCH_MS_THRESHOLD = 100_000_000_000
+
+RESERVED_FIELDS = frozenset({"ts", "seq", "msg_id", "metrics"})
+METRIC_NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+MetricValue = (
+    StrictBool
+    | Annotated[int, Field(strict=True, ge=-MAX_INT, le=MAX_INT)]
+    | Annotated[float, Field(strict=True, allow_inf_nan=False)]
+    | Annotated[str, StringConstraints(max_length=MAX_METRIC_STRING)]
+)
+MsgId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
+
+
+class HeartbeatPayload(BaseModel):
+    """What a device sent, validated; transport details live in `gateway.messages`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ts: datetime | None = None
+    seq: Annotated[StrictInt, Field(ge=0, le=MAX_INT)] | None = None
+    msg_id: MsgId | None = None
+    metrics: dict[str, MetricValue] = Field(default_factory=dict, max_length=MAX_METRICS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_flat_metrics(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        metrics = data.get("metrics")
+        if metrics is None:
+            metrics = {}
+        elif not isinstance(metrics, dict):
+            raise ValueError("'metrics' must be an object of name: value")
+        flat = {k: v for k, v in data.items() if k not in RESERVED_FIELDS}
+        clash = sorted(flat.keys() & metrics.keys())
+        if clash:
+            raise ValueError(f"metric {clash[0]!r} is given both at top level and in 'metrics'")
+        known = {k: data[k] for k in RESERVED_FIELDS - {"metrics"} if data.get(k) is not None}
+        return {**known, "metrics": {**metrics, **flat}}
+
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _parse_ts(cls, value: Any) -> datetime | None:
+        return parse_timestamp(value) if value is not None else None
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _check_metric_names(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for name in value:
+                if not METRIC_NAME_RE.fullmatch(name):
+                    raise ValueError(
+                        f"metric name {name[:80]!r} is invalid: use 1-64 characters of "
+                        "A-Z, a-z, 0-9, '_', '.', ':' and '-'"
+                    )
+        return value
+
+
+def parse_timestamp(value: Any) -> datetime:
+    """RFC 3339 text, or epoch seconds or milliseconds, as an aware UTC datetime."""
+    if isinstance(value, bool):
+        raise ValueError("ts must be RFC 3339 text or epoch seconds/milliseconds, not a boolean")
+    if isinstance(value, int | float):
+        seconds = value / 1000 if abs(value) >= EPOCH_MS_THRESHOLD else value
+        try:
+            return datetime.fromtimestamp(seconds, UTC)
+        except (OverflowError, OSError, ValueError):
+            raise ValueError(f"ts {value!r} is out of range") from None
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(
+                f"ts {value[:64]!r} is not RFC 3339 (e.g. 2026-11-29T10:00:00Z)"
+            ) from None
+        if parsed.tzinfo is None:
+            raise ValueError(f"ts {value[:64]!r} has no UTC offset (add Z or +hh:mm)")
+        return parsed.astimezone(UTC)
+    raise ValueError("ts must be RFC 3339 text or epoch seconds/milliseconds")
+
+
+def decode_json(raw: bytes) -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity, no duplicate keys, bounded nesting."""
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise InputError(
+            Reason.TOO_LARGE, f"payload is {len(raw)} bytes; the limit is {MAX_PAYLOAD_BYTES}"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(Reason.NOT_UTF8, f"payload is not UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(
+            text,
+            object_pairs_hook=_object_without_duplicates,
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+        )
+    except InputError:
+        raise
+    except RecursionError:
+        raise InputError(Reason.TOO_DEEP, "payload is nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            Reason.NOT_JSON,
+            f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+        ) from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise InputError(Reason.NOT_JSON, f"payload is not usable JSON: {exc}") from None
+
+
+def parse_payload(raw: bytes) -> HeartbeatPayload:
+    """Parse a heartbeat body. Raises `InputError` (never anything else) when it is invalid."""
+    if not raw.strip():
+        return HeartbeatPayload()
+    data = decode_json(raw)
+    if not isinstance(data, dict):
+        raise InputError(
+            Reason.NOT_AN_OBJECT, f"payload must be a JSON object, not {_json_type(data)}"
+        )
+    if _depth(data) > MAX_DEPTH:
+        raise InputError(Reason.TOO_DEEP, f"payload is nested deeper than {MAX_DEPTH} levels")
+    try:
+        return HeartbeatPayload.model_validate(data)
+    except ValidationError as exc:
+        raise InputError(Reason.INVALID_FIELD, describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming each bad field, e.g. `seq: must be >= 0`."""
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False)[:5]:
+        loc = ".".join(str(part) for part in error["loc"] if not _is_type_tag(part))
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{loc}: {message}" if loc else message)
+    return "; ".join(dict.fromkeys(problems))
+
+
+def _is_type_tag(part: Any) -> bool:
+    # Pydantic names union members in error locations (`metrics.cpu.float`); users don't care.
+    return isinstance(part, str) and part in {"bool", "int", "float", "str", "constrained-str"}
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise InputError(Reason.DUPLICATE_KEY, f"key {key[:64]!r} appears more than once")
+            seen.add(key)
+    return obj
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InputError(Reason.NON_FINITE_NUMBER, f"{name} is not a valid number; send a finite value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InputError(
+            Reason.NON_FINITE_NUMBER, f"number {text[:32]} is too large to be a finite value"
+        )
+    return value
+
+
+def _depth(value: Any, level: int = 1) -> int:
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level)
+    return level
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")

@@ -1,0 +1,77 @@
+"""Database schema (SQLAlchemy Core). Alembic migrations in `gateway/migrations` create it."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Table,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+metadata = MetaData()
+
+#: One row per device: the registry and its latest state.
+devices = Table(
+    "devices",
+    metadata,
+    Column("device_id", Text, primary_key=True),
+    Column("heartbeat_interval_s", Integer, nullable=False, server_default=text("30")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("first_seen", DateTime(timezone=True)),
+    Column("last_seen", DateTime(timezone=True)),
+    Column("last_heartbeat_id", UUID(as_uuid=True)),
+    Column("last_seq", BigInteger),
+    Column("last_device_ts", DateTime(timezone=True)),
+    Column("last_metrics", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("last_source", Text),
+    Column("reported_status", Text),
+    Column("reported_status_at", DateTime(timezone=True)),
+    #: Bumped by every write; the Redis mirror keeps only the newest version.
+    Column("version", BigInteger, nullable=False, server_default=text("1")),
+    Index("ix_devices_last_seen", "last_seen"),
+)
+
+#: Every stored heartbeat. `id` is derived from (device_id, msg_id), so a retry lands once.
+heartbeats = Table(
+    "heartbeats",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("device_id", Text, nullable=False),
+    Column("msg_id", Text, nullable=False),
+    Column("seq", BigInteger),
+    Column("device_ts", DateTime(timezone=True)),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("stored_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("source", Text, nullable=False),
+    Column("metrics", JSONB, nullable=False),
+    Index("ix_heartbeats_device_received", "device_id", "received_at", "id"),
+)
+
+#: Dead letters: input that could not become (or be stored as) a heartbeat.
+rejected = Table(
+    "rejected",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("stored_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("reason", Text, nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("device_id", Text),
+    Column("topic", Text),
+    Column("size", Integer, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("replayed_at", DateTime(timezone=True)),
+    Index("ix_rejected_received", "received_at", "id"),
+    Index("ix_rejected_device", "device_id", "received_at"),
+    Index("ix_rejected_reason", "reason", "received_at"),
+)

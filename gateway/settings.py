@@ -1,0 +1,86 @@
+"""Typed settings, read from `GATEWAY_*` environment variables (and a `.env` file when present).
+
+One class per service, all sharing the connection settings. Build them at startup
+(`WorkerSettings()`), never at import time.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Literal
+
+from pydantic import AmqpDsn, Field, PostgresDsn, RedisDsn, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Environment = Literal["development", "test", "production"]
+
+#: Operator tokens that must never guard a real deployment.
+KNOWN_DEFAULT_TOKENS = frozenset({"", "changeme", "change-me", "operator", "secret", "dev"})
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=".env", extra="ignore")
+
+    environment: Environment = "development"
+    amqp_url: AmqpDsn = AmqpDsn("amqp://gateway:gateway@127.0.0.1:5673/%2F")
+    database_url: PostgresDsn = PostgresDsn(
+        "postgresql+psycopg2://gateway:gateway@127.0.0.1:5433/gateway"
+    )
+    redis_url: RedisDsn = RedisDsn("redis://127.0.0.1:6380/0")
+    log_level: str = "INFO"
+    #: `json` (one object per line, for containers), `text` (for terminals), or `auto`.
+    log_format: Literal["auto", "json", "text"] = "auto"
+    #: A device is online while now - last_seen < factor x its heartbeat interval.
+    offline_factor: float = Field(default=3.0, gt=1.0)
+    default_heartbeat_interval_s: int = Field(default=30, ge=1)
+    #: Interface of the bridge's and worker's small /healthz, /readyz, /metrics server.
+    health_host: str = "127.0.0.1"
+    #: Seconds a service waits for its open work to finish on SIGTERM.
+    shutdown_timeout_s: float = Field(default=8.0, gt=0)
+
+
+class BridgeSettings(CommonSettings):
+    bridge_prefetch: int = Field(default=500, ge=1)
+    #: Seconds to wait for the broker to confirm a forwarded message.
+    bridge_confirm_timeout_s: float = Field(default=10.0, gt=0)
+    #: Port of the bridge's /healthz, /readyz and /metrics (0 = off).
+    bridge_health_port: int = Field(default=8010, ge=0, le=65535)
+
+
+class WorkerSettings(CommonSettings):
+    worker_batch_size: int = Field(default=500, ge=1)
+    #: How long a partial batch waits for more messages before it is written.
+    worker_linger_ms: int = Field(default=50, ge=0)
+    worker_prefetch: int = Field(default=1000, ge=1)
+    #: Port of the worker's /healthz, /readyz and /metrics (0 = off).
+    worker_health_port: int = Field(default=8011, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _prefetch_covers_batch(self) -> WorkerSettings:
+        if self.worker_prefetch < self.worker_batch_size:
+            raise ValueError("worker_prefetch must be at least worker_batch_size")
+        return self
+
+
+class ApiSettings(CommonSettings):
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    api_workers: int = Field(default=1, ge=1)
+    #: Seconds to wait for the broker to confirm an HTTP heartbeat before answering 503.
+    api_confirm_timeout_s: float = Field(default=5.0, gt=0)
+    operator_token: str = ""
+
+    @model_validator(mode="after")
+    def _operator_token_is_safe(self) -> ApiSettings:
+        if self.operator_token in KNOWN_DEFAULT_TOKENS or len(self.operator_token) < 16:
+            if self.environment != "development":
+                raise ValueError(
+                    "GATEWAY_OPERATOR_TOKEN is unset, too short or a known default; "
+                    "set a random one of at least 16 characters "
+                    '(python -c "import secrets; print(secrets.token_urlsafe(32))")'
+                )
+            if not self.operator_token:
+                # Development without a token: a random one nobody can guess, so
+                # operator endpoints are never open by accident.
+                self.operator_token = secrets.token_urlsafe(32)
+        return self
