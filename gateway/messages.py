@@ -102,14 +102,21 @@ class StatusReport(BaseModel):
     source: Source
 
     @classmethod
-    def from_payload(cls, device_id: str, raw: bytes, source: Source) -> StatusReport:
+    def from_payload(
+        cls, device_id: str, raw: bytes, source: Source, received_at: datetime | None = None
+    ) -> StatusReport:
         text = raw.strip().decode("utf-8", "replace").strip('"').lower()
         if text not in (DeviceStatus.ONLINE, DeviceStatus.OFFLINE):
             raise InputError(
                 Reason.INVALID_STATUS,
                 f"status payload must be 'online' or 'offline', not {text[:32]!r}",
             )
-        return cls(device_id=device_id, status=DeviceStatus(text), source=source)
+        return cls(
+            device_id=device_id,
+            status=DeviceStatus(text),
+            source=source,
+            received_at=received_at or utcnow(),
+        )
 
 
 WorkMessage = Annotated[Heartbeat | StatusReport, Field(discriminator="kind")]

@@ -1,0 +1,18 @@
+"""Entry point: `gateway-bridge`."""
+
+from __future__ import annotations
+
+import sys
+
+from bridge.service import Bridge
+from gateway import service
+from gateway.settings import BridgeSettings
+
+
+def main() -> int:
+    settings = BridgeSettings()
+    return service.run("bridge", settings, Bridge(settings).serve)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

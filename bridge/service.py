@@ -1,0 +1,105 @@
+"""The bridge: MQTT inbox in, canonical messages (or dead letters) out, ack after confirm."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import aio_pika.abc
+
+from bridge.convert import Forward, Ignore, Reject, convert
+from gateway import metrics, topology
+from gateway.broker import Publisher, PublishFailed, connect
+from gateway.health import HealthServer
+from gateway.messages import Source
+from gateway.service import InFlight
+from gateway.settings import BridgeSettings
+
+log = logging.getLogger(__name__)
+
+
+class Bridge:
+    def __init__(self, settings: BridgeSettings) -> None:
+        self.settings = settings
+        self.in_flight = InFlight()
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._publisher: Publisher | None = None
+        self._forwarded = 0
+        self._rejected = 0
+
+    async def handle(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        """Convert, publish with confirm, then ack the inbox message (never before)."""
+        assert self._publisher is not None
+        with self.in_flight:
+            outcome = convert(message.routing_key or "", message.body)
+            try:
+                match outcome:
+                    case Forward(canonical):
+                        await self._publisher.publish_work(canonical)
+                        metrics.RECEIVED.labels(Source.MQTT.value).inc()
+                        self._forwarded += 1
+                    case Reject(rejection):
+                        await self._publisher.publish_rejection(rejection)
+                        metrics.REJECTED.labels(Source.MQTT.value, rejection.reason.value).inc()
+                        self._rejected += 1
+                        log.info(
+                            "rejected %s from topic %r: %s",
+                            rejection.reason,
+                            rejection.topic,
+                            rejection.detail,
+                        )
+                    case Ignore(why):
+                        log.debug("ignored %s: %s", message.routing_key, why)
+            except PublishFailed as exc:
+                metrics.PUBLISH_FAILURES.labels("bridge").inc()
+                log.warning("not forwarded, will be redelivered: %s", exc)
+                if not message.channel.is_closed:
+                    await message.nack(requeue=True)
+                return
+            await message.ack()
+
+    async def ready(self) -> dict[str, bool]:
+        connected = self._connection is not None and not self._connection.is_closed
+        return {"rabbitmq": connected and self._publisher is not None and self._publisher.is_open}
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        health = HealthServer(s.health_host, s.bridge_health_port, self.ready)
+        await health.start()
+        self._connection = await connect(str(s.amqp_url), name="gateway-bridge")
+        try:
+            self._publisher = await Publisher.open(
+                self._connection, timeout=s.bridge_confirm_timeout_s
+            )
+            channel = await self._connection.channel()
+            await channel.set_qos(prefetch_count=s.bridge_prefetch)
+            await topology.declare(channel)
+            inbox = await channel.get_queue(topology.MQTT_INBOX_QUEUE, ensure=False)
+            tag = await inbox.consume(self.handle)
+            log.info("bridge consuming %s (prefetch %d)", inbox.name, s.bridge_prefetch)
+            await self._report_until(stop)
+            log.info("stopping: no new messages; %d in flight", self.in_flight.count)
+            await inbox.cancel(tag)
+            if not await self.in_flight.wait_idle(s.shutdown_timeout_s):
+                log.warning(
+                    "%d messages unfinished; they will be redelivered", self.in_flight.count
+                )
+        finally:
+            await self._connection.close()
+            await health.close()
+
+    async def _report_until(self, stop: asyncio.Event, every: float = 10.0) -> None:
+        """One summary line per period, never one per message."""
+        last = time.monotonic()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every)
+            if self._forwarded or self._rejected:
+                elapsed = time.monotonic() - last
+                log.info(
+                    "forwarded %d, rejected %d in %.0f s", self._forwarded, self._rejected, elapsed
+                )
+                self._forwarded = self._rejected = 0
+            last = time.monotonic()

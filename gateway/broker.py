@@ -1,0 +1,115 @@
+"""RabbitMQ connections and confirmed publishing, shared by bridge, worker and api."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+import aio_pika
+import aio_pika.abc
+from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
+from pamqp.commands import Basic
+
+from gateway import topology
+from gateway.messages import CONTENT_TYPE, Heartbeat, Rejection, StatusReport, encode_work
+
+log = logging.getLogger(__name__)
+
+
+class PublishFailed(RuntimeError):
+    """The broker did not confirm a message: it must not be acknowledged upstream."""
+
+
+async def connect(
+    url: str, *, name: str, attempts: int = 10, max_delay: float = 5.0
+) -> aio_pika.abc.AbstractRobustConnection:
+    """Connect with capped exponential backoff and jitter; robust afterwards (reconnects)."""
+    delay = 0.2
+    for attempt in range(1, attempts + 1):
+        try:
+            return await aio_pika.connect_robust(
+                url, client_properties={"connection_name": name}, timeout=10
+            )
+        except (TimeoutError, OSError, AMQPError) as exc:
+            if attempt == attempts:
+                raise ConnectionError(
+                    f"cannot reach RabbitMQ after {attempts} attempts: {exc!r}"
+                ) from exc
+            log.warning(
+                "RabbitMQ unreachable (%r); %d attempts left, next in %.1f s",
+                exc,
+                attempts - attempt,
+                delay,
+            )
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, max_delay)
+    raise AssertionError("unreachable")
+
+
+class Publisher:
+    """Publishes canonical messages and dead letters; returns only once the broker confirmed."""
+
+    def __init__(self, channel: aio_pika.abc.AbstractChannel, *, timeout: float) -> None:
+        self._channel = channel
+        self._timeout = timeout
+        self._work: aio_pika.abc.AbstractExchange | None = None
+        self._rejected: aio_pika.abc.AbstractExchange | None = None
+
+    @classmethod
+    async def open(
+        cls, connection: aio_pika.abc.AbstractConnection, *, timeout: float
+    ) -> Publisher:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await topology.declare(channel)
+        publisher = cls(channel, timeout=timeout)
+        publisher._work = await channel.get_exchange(topology.WORK_EXCHANGE, ensure=False)
+        publisher._rejected = await channel.get_exchange(topology.REJECTED_EXCHANGE, ensure=False)
+        return publisher
+
+    async def publish_work(self, message: Heartbeat | StatusReport) -> None:
+        await self._publish(
+            self._work,
+            aio_pika.Message(
+                encode_work(message),
+                content_type=CONTENT_TYPE,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=str(message.id),
+                type=message.kind,
+            ),
+            topology.work_routing_key(message.device_id),
+        )
+
+    async def publish_rejection(self, rejection: Rejection) -> None:
+        await self._publish(
+            self._rejected,
+            aio_pika.Message(
+                rejection.payload,
+                headers=rejection.headers(),
+                content_type="application/octet-stream",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=str(rejection.id),
+                type="rejected",
+            ),
+            rejection.reason.value,
+        )
+
+    async def _publish(
+        self,
+        exchange: aio_pika.abc.AbstractExchange | None,
+        message: aio_pika.Message,
+        routing_key: str,
+    ) -> None:
+        assert exchange is not None, "Publisher.open() was not awaited"
+        try:
+            confirmation = await exchange.publish(
+                message, routing_key, mandatory=True, timeout=self._timeout
+            )
+        except (TimeoutError, DeliveryError, PublishError, AMQPError, OSError) as exc:
+            raise PublishFailed(f"broker did not confirm the message: {exc!r}") from exc
+        if not isinstance(confirmation, Basic.Ack):
+            raise PublishFailed(f"broker did not acknowledge the message: {confirmation!r}")
+
+    @property
+    def is_open(self) -> bool:
+        return not self._channel.is_closed

@@ -1,0 +1,40 @@
+"""Prometheus metrics shared by the services (each process exports its own)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECEIVED = Counter(
+    "gateway_heartbeats_received_total", "Heartbeats accepted from devices", ["source"]
+)
+REJECTED = Counter(
+    "gateway_rejected_total", "Input refused and dead-lettered", ["source", "reason"]
+)
+PERSISTED = Counter(
+    "gateway_heartbeats_persisted_total", "Heartbeats committed to PostgreSQL (new rows)"
+)
+DUPLICATES = Counter(
+    "gateway_heartbeats_duplicate_total", "Heartbeats already stored (redelivery or retry)"
+)
+DEAD_LETTERS_STORED = Counter("gateway_dead_letters_stored_total", "Rows written to `rejected`")
+BATCH_SIZE = Histogram(
+    "gateway_worker_batch_size",
+    "Messages per worker batch",
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
+)
+BATCH_SECONDS = Histogram(
+    "gateway_worker_batch_seconds", "Time to write one batch (transaction and Redis)"
+)
+LATENCY = Histogram(
+    "gateway_receive_to_commit_seconds",
+    "From receipt by bridge or api to commit in PostgreSQL",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+STORE_ERRORS = Counter(
+    "gateway_worker_store_errors_total", "Failed batch writes, by kind", ["kind"]
+)
+REDIS_ERRORS = Counter("gateway_redis_errors_total", "Failed Redis operations", ["service"])
+PUBLISH_FAILURES = Counter(
+    "gateway_publish_failures_total", "Publishes the broker did not confirm", ["service"]
+)
+IN_FLIGHT = Gauge("gateway_in_flight_messages", "Messages taken but not yet acknowledged")
