@@ -27,6 +27,8 @@ class Source(StrEnum):
     MQTT = "mqtt"
     HTTP = "http"
     REPLAY = "replay"
+    #: Found on the work queue itself (not from a device).
+    WORK_QUEUE = "work_queue"
 
 
 class DeviceStatus(StrEnum):

@@ -1,0 +1,88 @@
+"""Device state: the model operators read, its status rule, and its Redis mirror.
+
+PostgreSQL holds the truth (`devices`); Redis holds a copy for the read path, keyed by device
+and versioned, so a late writer never overwrites newer state.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from gateway.messages import DeviceStatus, utcnow
+from gateway.payload import MetricValue
+
+KEY_PREFIX = "gateway:device:"
+
+#: Write `state` only if `version` is newer than the stored one.
+_SET_IF_NEWER = """
+local current = redis.call('HGET', KEYS[1], 'version')
+if current and tonumber(current) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'state', ARGV[2])
+return 1
+"""
+
+
+class DeviceState(BaseModel):
+    """One device's latest state, as stored in `devices` and mirrored in Redis."""
+
+    model_config = ConfigDict(frozen=True)
+
+    device_id: str
+    heartbeat_interval_s: int
+    created_at: datetime
+    first_seen: datetime | None = None
+    last_seen: datetime | None = None
+    last_heartbeat_id: uuid.UUID | None = None
+    last_seq: int | None = None
+    last_device_ts: datetime | None = None
+    last_metrics: dict[str, MetricValue] = {}
+    last_source: str | None = None
+    reported_status: DeviceStatus | None = None
+    reported_status_at: datetime | None = None
+    version: int
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> DeviceState:
+        return cls.model_validate(dict(row))
+
+    def status(self, offline_factor: float, now: datetime | None = None) -> DeviceStatus:
+        """`online` while now - last_seen < factor x interval; a device's own `offline` wins
+        until it is heard from again."""
+        if self.last_seen is None:
+            return DeviceStatus.NEVER_SEEN
+        if (
+            self.reported_status == DeviceStatus.OFFLINE
+            and self.reported_status_at is not None
+            and self.reported_status_at >= self.last_seen
+        ):
+            return DeviceStatus.OFFLINE
+        deadline = self.last_seen + timedelta(seconds=self.heartbeat_interval_s * offline_factor)
+        return DeviceStatus.ONLINE if (now or utcnow()) < deadline else DeviceStatus.OFFLINE
+
+
+def redis_key(device_id: str) -> str:
+    return KEY_PREFIX + device_id
+
+
+def mirror(redis_client: Any, states: Iterable[DeviceState]) -> None:
+    """Copy committed states to Redis in one round trip (sync client)."""
+    script = redis_client.register_script(_SET_IF_NEWER)
+    pipe = redis_client.pipeline(transaction=False)
+    for state in states:
+        script(
+            keys=[redis_key(state.device_id)],
+            args=[state.version, state.model_dump_json()],
+            client=pipe,
+        )
+    pipe.execute()
+
+
+def read(redis_client: Any, device_id: str) -> DeviceState | None:
+    """The mirrored state of one device, or None when Redis does not have it."""
+    raw = redis_client.hget(redis_key(device_id), "state")
+    return DeviceState.model_validate_json(raw) if raw is not None else None

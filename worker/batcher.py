@@ -1,0 +1,60 @@
+"""Collect consumed messages into batches: flush when full or after a short linger."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+import aio_pika.abc
+
+Message = aio_pika.abc.AbstractIncomingMessage
+Flush = Callable[[list[Message]], Awaitable[None]]
+
+
+class Batcher:
+    """Buffers messages from a consumer and hands them to `flush` in order, one batch at a time.
+
+    The consumer's prefetch bounds the buffer: while a batch is being written, the broker keeps
+    delivering up to the prefetch, and those form the next batch.
+    """
+
+    def __init__(self, flush: Flush, *, size: int, linger_s: float) -> None:
+        self._flush = flush
+        self._size = size
+        self._linger_s = linger_s
+        self._buffer: list[Message] = []
+        self._arrived = asyncio.Event()
+        self._full = asyncio.Event()
+
+    async def add(self, message: Message) -> None:
+        self._buffer.append(message)
+        self._arrived.set()
+        if len(self._buffer) >= self._size:
+            self._full.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Flush batches until `stop` is set and the buffer is empty."""
+        while True:
+            if not self._buffer:
+                if stop.is_set():
+                    return
+                waiter = asyncio.ensure_future(self._arrived.wait())
+                stopper = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+                continue
+            if len(self._buffer) < self._size and not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._full.wait(), self._linger_s)
+            batch, self._buffer = self._buffer[: self._size], self._buffer[self._size :]
+            if len(self._buffer) < self._size:
+                self._full.clear()
+            if not self._buffer:
+                self._arrived.clear()
+            await self._flush(batch)

@@ -1,0 +1,18 @@
+"""Entry point: `gateway-worker`."""
+
+from __future__ import annotations
+
+import sys
+
+from gateway import service
+from gateway.settings import WorkerSettings
+from worker.service import Worker
+
+
+def main() -> int:
+    settings = WorkerSettings()
+    return service.run("worker", settings, Worker(settings).serve)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

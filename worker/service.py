@@ -1,0 +1,273 @@
+"""The worker: work queue in, one transaction per batch, Redis mirror, then ack."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+
+import aio_pika.abc
+import redis
+from pydantic import ValidationError
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from gateway import metrics, state, store, topology
+from gateway.broker import Publisher, PublishFailed, connect
+from gateway.db import make_engine
+from gateway.errors import InputError, Reason
+from gateway.health import HealthServer
+from gateway.messages import Heartbeat, Rejection, Source, StatusReport, decode_work, utcnow
+from gateway.payload import describe_validation_error
+from gateway.settings import WorkerSettings
+from worker.batcher import Batcher, Message
+
+log = logging.getLogger(__name__)
+
+#: Devices whose Redis copy could not be written; beyond this many, Redis is rebuilt in full.
+MAX_DIRTY = 100_000
+
+
+def is_transient(exc: SQLAlchemyError) -> bool:
+    """A lost connection or a database that is down: retry later, don't blame the message."""
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or exc.orig is None or _pg_class(exc) in {"08", "57"}
+    return True
+
+
+def _pg_class(exc: DBAPIError) -> str:
+    code = getattr(exc.orig, "pgcode", None)
+    return code[:2] if code else "08"  # no SQLSTATE: the driver lost the server
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.engine: Engine = make_engine(str(settings.database_url), pool_size=2)
+        self.redis = redis.Redis.from_url(
+            str(settings.redis_url), socket_timeout=2, socket_connect_timeout=2
+        )
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._publisher: Publisher | None = None
+        self._dirty: set[str] = set()
+        self._stopping = asyncio.Event()
+
+    # ---- heartbeats and status reports ----------------------------------------------------
+
+    async def flush_work(self, messages: list[Message]) -> None:
+        started = time.perf_counter()
+        items: list[tuple[Message, Heartbeat | StatusReport]] = []
+        invalid: list[Rejection] = []
+        for message in messages:
+            try:
+                items.append((message, decode_work(message.body)))
+            except ValidationError as exc:
+                error = InputError(Reason.INVALID_MESSAGE, describe_validation_error(exc))
+                invalid.append(Rejection.of(error, message.body, Source.WORK_QUEUE))
+        result = await self._store([item for _, item in items], invalid)
+        if result is None:
+            return  # shutting down with the database away: unacked messages are redelivered
+        for message in messages:
+            await _ack(message)
+        elapsed = time.perf_counter() - started
+        metrics.BATCH_SIZE.observe(len(messages))
+        metrics.BATCH_SECONDS.observe(elapsed)
+        log.info(
+            "batch: %d messages, %d stored, %d duplicates, %d rejected, %d devices, %.1f ms",
+            len(messages),
+            result.inserted,
+            result.duplicates,
+            len(invalid),
+            len(result.states),
+            elapsed * 1000,
+        )
+
+    async def _store(
+        self,
+        items: Sequence[Heartbeat | StatusReport],
+        invalid: list[Rejection],
+    ) -> store.BatchResult | None:
+        """Write the batch; on a bad row, write messages one by one and dead-letter the bad."""
+        try:
+            result = await self._retry_transient(lambda: self._write(items))
+        except SQLAlchemyError as exc:
+            metrics.STORE_ERRORS.labels("batch").inc()
+            log.warning("batch of %d failed (%s); isolating the bad messages", len(items), exc)
+            result = store.BatchResult()
+            for item in items:
+                try:
+                    one = await self._retry_transient(lambda item=item: self._write([item]))
+                except SQLAlchemyError as exc:
+                    raw = item.model_dump_json().encode()
+                    error = InputError(Reason.UNSTORABLE, _short(exc))
+                    invalid.append(
+                        Rejection.of(error, raw, Source.WORK_QUEUE, device_id=item.device_id)
+                    )
+                    continue
+                if one is None:
+                    return None
+                result.inserted += one.inserted
+                result.duplicates += one.duplicates
+                result.states.extend(one.states)
+        if result is None:
+            return None
+        for rejection in invalid:
+            if not await self._dead_letter(rejection):
+                return None
+        return result
+
+    def _write(self, items: Sequence[Heartbeat | StatusReport]) -> store.BatchResult:
+        beats = [i for i in items if isinstance(i, Heartbeat)]
+        statuses = [i for i in items if isinstance(i, StatusReport)]
+        with self.engine.begin() as conn:
+            result = store.write_batch(
+                conn, beats, statuses, default_interval_s=self.settings.default_heartbeat_interval_s
+            )
+        committed = utcnow()
+        metrics.PERSISTED.inc(result.inserted)
+        metrics.DUPLICATES.inc(result.duplicates)
+        for b in beats:
+            metrics.LATENCY.observe(max((committed - b.received_at).total_seconds(), 0.0))
+        self._mirror(result.states)
+        return result
+
+    def _mirror(self, states: list[state.DeviceState]) -> None:
+        """Copy committed state to Redis; remember what failed and repair it later."""
+        try:
+            if self._dirty:
+                dirty = list(self._dirty)
+                with self.engine.connect() as conn:
+                    states = [*states, *store.load_states(conn, dirty)]
+            state.mirror(self.redis, states)
+            if self._dirty:
+                log.info("Redis is back: repaired the state of %d devices", len(self._dirty))
+            self._dirty.clear()
+        except (redis.RedisError, SQLAlchemyError) as exc:
+            metrics.REDIS_ERRORS.labels("worker").inc()
+            if len(self._dirty) < MAX_DIRTY:
+                self._dirty.update(s.device_id for s in states)
+            log.warning("Redis mirror failed (%s); %d devices to repair", exc, len(self._dirty))
+
+    async def _retry_transient(self, write):
+        """Run `write` in a thread; retry while the database is unreachable, until stopping."""
+        delay = 0.2
+        while True:
+            try:
+                return await asyncio.to_thread(write)
+            except SQLAlchemyError as exc:
+                if not is_transient(exc):
+                    raise
+                metrics.STORE_ERRORS.labels("unavailable").inc()
+                if self._stopping.is_set():
+                    log.warning("database unavailable while stopping; leaving batch unacked")
+                    return None
+                log.warning("database unavailable (%s); retrying in %.1f s", _short(exc), delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 5.0)
+
+    async def _dead_letter(self, rejection: Rejection) -> bool:
+        assert self._publisher is not None
+        try:
+            await self._publisher.publish_rejection(rejection)
+        except PublishFailed as exc:
+            log.warning("could not dead-letter %s: %s", rejection.id, exc)
+            return False
+        metrics.REJECTED.labels(rejection.source.value, rejection.reason.value).inc()
+        log.warning("dead-lettered a message: %s: %s", rejection.reason, rejection.detail)
+        return True
+
+    # ---- dead letters ---------------------------------------------------------------------
+
+    async def flush_rejected(self, messages: list[Message]) -> None:
+        rejections = []
+        for message in messages:
+            try:
+                rejections.append(Rejection.from_amqp(dict(message.headers or {}), message.body))
+            except ValidationError as exc:
+                error = InputError(Reason.INVALID_MESSAGE, describe_validation_error(exc))
+                rejections.append(Rejection.of(error, message.body, Source.WORK_QUEUE))
+
+        def write() -> int:
+            with self.engine.begin() as conn:
+                return store.write_rejections(conn, rejections)
+
+        added = await self._retry_transient(write)
+        if added is None:
+            return
+        metrics.DEAD_LETTERS_STORED.inc(added)
+        for message in messages:
+            await _ack(message)
+        log.info("stored %d dead letters", added)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def ready(self) -> dict[str, bool]:
+        def database() -> bool:
+            try:
+                with self.engine.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+                return True
+            except SQLAlchemyError:
+                return False
+
+        def cache() -> bool:
+            try:
+                return bool(self.redis.ping())
+            except redis.RedisError:
+                return False
+
+        connected = self._connection is not None and not self._connection.is_closed
+        db_ok, redis_ok = await asyncio.gather(
+            asyncio.to_thread(database), asyncio.to_thread(cache)
+        )
+        return {"rabbitmq": connected, "postgres": db_ok, "redis": redis_ok}
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        health = HealthServer(s.health_host, s.worker_health_port, self.ready)
+        await health.start()
+        self._connection = await connect(str(s.amqp_url), name="gateway-worker")
+        try:
+            self._publisher = await Publisher.open(self._connection, timeout=10)
+            work = Batcher(
+                self.flush_work, size=s.worker_batch_size, linger_s=s.worker_linger_ms / 1000
+            )
+            dead = Batcher(self.flush_rejected, size=s.worker_batch_size, linger_s=0.2)
+            consumers = []
+            for queue_name, batcher, prefetch in (
+                (topology.WORK_QUEUE, work, s.worker_prefetch),
+                (topology.REJECTED_QUEUE, dead, max(s.worker_batch_size, 100)),
+            ):
+                channel = await self._connection.channel()
+                await channel.set_qos(prefetch_count=prefetch)
+                await topology.declare(channel)
+                queue = await channel.get_queue(queue_name, ensure=False)
+                consumers.append((queue, await queue.consume(batcher.add)))
+                log.info("worker consuming %s (prefetch %d)", queue_name, prefetch)
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(work.run(self._stopping), name="batches:heartbeats")
+                tasks.create_task(dead.run(self._stopping), name="batches:rejected")
+                await stop.wait()
+                log.info("stopping: no new messages; flushing %d", work.pending + dead.pending)
+                for queue, tag in consumers:
+                    await queue.cancel(tag)
+                self._stopping.set()
+        finally:
+            await self._connection.close()
+            await health.close()
+            self.engine.dispose()
+            self.redis.close()
+
+
+async def _ack(message: Message) -> None:
+    if message.channel.is_closed:
+        return  # its channel is gone: the broker redelivers it, and the write is idempotent
+    await message.ack()
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text_ = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    line = text_[0] if text_ else type(exc).__name__
+    return line[:limit]
