@@ -17,8 +17,12 @@ ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
 class HealthServer:
     """Answers `GET /healthz` (process up), `GET /readyz` (dependencies) and `GET /metrics`."""
 
-    def __init__(self, host: str, port: int, ready: ReadyCheck) -> None:
+    def __init__(
+        self, host: str, port: int, ready: ReadyCheck, optional: frozenset[str] = frozenset()
+    ) -> None:
         self.host, self.port, self._ready = host, port, ready
+        #: Checks reported but not required: the service works (degraded) without them.
+        self.optional = optional
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -67,7 +71,7 @@ class HealthServer:
                 checks = await asyncio.wait_for(self._ready(), timeout=5)
             except Exception:  # a failing check means "not ready", never a crash
                 checks = {"checks": False}
-            ok = all(checks.values())
+            ok = all(v for k, v in checks.items() if k not in self.optional)
             body = json.dumps({"ready": ok, "checks": checks}).encode()
             return ("200 OK" if ok else "503 Service Unavailable"), body, "application/json"
         if path == "/metrics":

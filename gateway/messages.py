@@ -188,12 +188,14 @@ class Rejection(BaseModel):
         }
         return cls.model_validate({**fields, "payload": body})
 
-    @property
-    def payload_preview(self) -> str:
-        try:
-            return self.payload.decode("utf-8")
-        except UnicodeDecodeError:
-            return "base64:" + base64.b64encode(self.payload).decode()
+
+def show_bytes(payload: bytes) -> str:
+    """Raw bytes for people: the text when it is UTF-8, else `base64:...`."""
+    payload = bytes(payload)
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return "base64:" + base64.b64encode(payload).decode()
 
 
 def _text(value: Any) -> Any:

@@ -226,7 +226,9 @@ class Worker:
 
     async def serve(self, stop: asyncio.Event) -> None:
         s = self.settings
-        health = HealthServer(s.health_host, s.worker_health_port, self.ready)
+        health = HealthServer(
+            s.health_host, s.worker_health_port, self.ready, optional=frozenset({"redis"})
+        )
         await health.start()
         self._connection = await connect(str(s.amqp_url), name="gateway-worker")
         try:

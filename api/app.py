@@ -1,0 +1,115 @@
+"""The FastAPI application: HTTP ingest, operator reads, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from api import ingest, operators
+from api.context import Context
+from gateway import logs
+from gateway.broker import Publisher, connect
+from gateway.db import make_engine
+from gateway.settings import ApiSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    settings = settings or ApiSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logs.configure(settings.log_level, settings.log_format)  # also in uvicorn's workers
+        engine = make_engine(str(settings.database_url), pool_size=10)
+        cache = redis.Redis.from_url(
+            str(settings.redis_url), socket_timeout=1, socket_connect_timeout=1
+        )
+        connection = await connect(str(settings.amqp_url), name="gateway-api")
+        try:
+            publisher = await Publisher.open(connection, timeout=settings.api_confirm_timeout_s)
+            app.state.context = Context(settings, engine, cache, connection, publisher)
+            log.info("api ready")
+            yield
+        finally:
+            await connection.close()
+            engine.dispose()
+            cache.close()
+
+    app = FastAPI(
+        title="Heartbeat gateway",
+        version="0.1.0",
+        description="Device heartbeats over MQTT and HTTP; device state and history for operators.",
+        lifespan=lifespan,
+    )
+    app.include_router(ingest.router)
+    app.include_router(operators.router)
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next):
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        token = logs.request_id.set(rid[:64])
+        try:
+            response = await call_next(request)
+        finally:
+            logs.request_id.reset(token)
+        response.headers["X-Request-ID"] = rid[:64]
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for error in exc.errors()[:5]:
+            loc = ".".join(str(p) for p in error.get("loc", ()) if p not in ("query", "path"))
+            problems.append(f"{loc}: {error.get('msg', 'invalid')}")
+        return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+
+    @app.get("/healthz", tags=["health"], summary="The process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="Broker and database reachable (Redis optional)")
+    async def readyz(request: Request) -> JSONResponse:
+        ctx: Context = request.app.state.context
+
+        def database() -> bool:
+            try:
+                with ctx.engine.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+                return True
+            except SQLAlchemyError:
+                return False
+
+        def cache() -> bool:
+            try:
+                return bool(ctx.redis.ping())
+            except redis.RedisError:
+                return False
+
+        db_ok, redis_ok = await asyncio.gather(
+            asyncio.to_thread(database), asyncio.to_thread(cache)
+        )
+        checks = {
+            "rabbitmq": not ctx.connection.is_closed and ctx.publisher.is_open,
+            "postgres": db_ok,
+            "redis": redis_ok,
+        }
+        ready = checks["rabbitmq"] and checks["postgres"]
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

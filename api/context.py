@@ -1,0 +1,29 @@
+"""What request handlers need, opened once per process in the app's lifespan."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import aio_pika.abc
+import redis
+from fastapi import Request
+from sqlalchemy import Engine
+
+from gateway.broker import Publisher
+from gateway.settings import ApiSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    settings: ApiSettings
+    engine: Engine
+    redis: redis.Redis
+    connection: aio_pika.abc.AbstractRobustConnection
+    publisher: Publisher
+
+
+def context(request: Request) -> Context:
+    return request.app.state.context

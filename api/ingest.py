@@ -1,0 +1,120 @@
+"""HTTP ingest for devices that cannot speak MQTT: the same payload, the same pipeline."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from pydantic import BaseModel
+
+from api.context import Context, context
+from gateway import metrics
+from gateway.broker import PublishFailed
+from gateway.errors import InputError, Reason
+from gateway.messages import Heartbeat, Rejection, Source, utcnow
+from gateway.payload import MAX_PAYLOAD_BYTES, HeartbeatPayload, parse_payload
+from gateway.topics import validate_device_id
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/v1", tags=["devices"])
+
+STATUS_FOR_REASON = {
+    Reason.TOO_LARGE: status.HTTP_413_CONTENT_TOO_LARGE,
+    Reason.NOT_JSON: status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+    Reason.NOT_UTF8: status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+}
+JSON_TYPES = ("application/json", "text/json")
+
+
+class Accepted(BaseModel):
+    #: The heartbeat's id; the same id for a retry with the same msg_id.
+    id: str
+
+
+async def read_body(request: Request, limit: int = MAX_PAYLOAD_BYTES) -> bytes:
+    """The request body, refusing more than `limit` bytes without reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise InputError(
+            Reason.TOO_LARGE, f"payload is {int(declared)} bytes; the limit is {limit}"
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise InputError(Reason.TOO_LARGE, f"payload is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def check_content_type(request: Request, body: bytes) -> None:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if (
+        body.strip()
+        and content_type
+        and not (content_type in JSON_TYPES or content_type.endswith("+json"))
+    ):
+        raise InputError(
+            Reason.NOT_JSON, f"Content-Type {content_type!r} is not JSON; send application/json"
+        )
+
+
+@router.post(
+    "/devices/{device_id}/heartbeats",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Send a heartbeat over HTTP",
+    responses={
+        413: {"description": "Payload over 16 KiB"},
+        415: {"description": "Not JSON"},
+        422: {"description": "Invalid payload or device id; `detail` names the problem"},
+        503: {"description": "Broker unreachable: nothing was accepted, retry"},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": HeartbeatPayload.model_json_schema()}},
+        }
+    },
+)
+async def post_heartbeat(
+    device_id: str, request: Request, ctx: Annotated[Context, Depends(context)]
+) -> Accepted:
+    """Answers 202 only once the broker has confirmed the heartbeat on a durable queue."""
+    received_at = utcnow()
+    body = b""
+    try:
+        validate_device_id(device_id)
+        body = await read_body(request)
+        check_content_type(request, body)
+        heartbeat = Heartbeat.from_payload(device_id, parse_payload(body), Source.HTTP, received_at)
+    except InputError as error:
+        await _dead_letter(ctx, error, body, device_id, request.url.path)
+        raise HTTPException(
+            STATUS_FOR_REASON.get(error.reason, status.HTTP_422_UNPROCESSABLE_CONTENT),
+            error.detail,
+        ) from None
+    try:
+        await ctx.publisher.publish_work(heartbeat)
+    except PublishFailed as exc:
+        metrics.PUBLISH_FAILURES.labels("api").inc()
+        log.warning("heartbeat from %s not accepted: %s", device_id, exc)
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "the broker did not confirm the heartbeat; nothing was stored, retry later",
+            headers={"Retry-After": "1"},
+        ) from None
+    metrics.RECEIVED.labels(Source.HTTP.value).inc()
+    return Accepted(id=str(heartbeat.id))
+
+
+async def _dead_letter(
+    ctx: Context, error: InputError, body: bytes, device_id: str, path: str
+) -> None:
+    """Keep refused input as a dead letter too (best effort: the client has its 4xx)."""
+    metrics.REJECTED.labels(Source.HTTP.value, error.reason.value).inc()
+    rejection = Rejection.of(error, body, Source.HTTP, device_id=device_id, topic=path)
+    try:
+        await ctx.publisher.publish_rejection(rejection)
+    except PublishFailed as exc:
+        log.warning("could not dead-letter a refused request: %s", exc)

@@ -1,0 +1,126 @@
+"""Operator endpoints: device state, history, fleet counts, dead letters."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Annotated
+
+import redis
+from fastapi import APIRouter, Depends, HTTPException, Query, status
+
+from api.auth import Operator
+from api.context import Context, context
+from gateway import metrics, queries, state
+from gateway.messages import DeviceStatus, utcnow
+from gateway.queries import (
+    MAX_PAGE,
+    DeviceView,
+    FleetCounts,
+    HeartbeatRecord,
+    Page,
+    RejectedRecord,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/v1", tags=["operators"], dependencies=[Operator])
+
+Ctx = Annotated[Context, Depends(context)]
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size, at most {MAX_PAGE}")]
+Cursor = Annotated[str | None, Query(description="next_cursor from the previous page")]
+
+
+def _bad_cursor(exc: queries.BadCursor) -> HTTPException:
+    return HTTPException(status.HTTP_400_BAD_REQUEST, str(exc))
+
+
+@router.get("/devices", summary="List devices (optionally by status)")
+def list_devices(
+    ctx: Ctx,
+    status_: Annotated[DeviceStatus | None, Query(alias="status")] = None,
+    limit: Limit = 100,
+    cursor: Cursor = None,
+) -> Page[DeviceView]:
+    try:
+        with ctx.engine.connect() as conn:
+            return queries.list_devices(
+                conn,
+                offline_factor=ctx.settings.offline_factor,
+                status=status_,
+                limit=limit,
+                cursor=cursor,
+            )
+    except queries.BadCursor as exc:
+        raise _bad_cursor(exc) from None
+
+
+@router.get("/devices/{device_id}", summary="One device: status, last seen, latest heartbeat")
+def get_device(device_id: str, ctx: Ctx) -> DeviceView:
+    device = _cached_state(ctx, device_id)
+    if device is None:
+        with ctx.engine.connect() as conn:
+            device = queries.get_device(conn, device_id)
+    if device is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+    return DeviceView.of(device, ctx.settings.offline_factor, utcnow())
+
+
+def _cached_state(ctx: Context, device_id: str) -> state.DeviceState | None:
+    """Redis first; PostgreSQL answers (slower) when Redis is down or has no copy."""
+    try:
+        return state.read(ctx.redis, device_id)
+    except redis.RedisError as exc:
+        metrics.REDIS_ERRORS.labels("api").inc()
+        log.warning("Redis unavailable, reading from PostgreSQL: %s", exc)
+        return None
+
+
+@router.get("/devices/{device_id}/heartbeats", summary="A device's stored heartbeats, newest first")
+def list_heartbeats(
+    device_id: str,
+    ctx: Ctx,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: Limit = 100,
+    cursor: Cursor = None,
+) -> Page[HeartbeatRecord]:
+    try:
+        with ctx.engine.connect() as conn:
+            if queries.get_device(conn, device_id) is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+            return queries.list_heartbeats(
+                conn, device_id, since=since, until=until, limit=limit, cursor=cursor
+            )
+    except queries.BadCursor as exc:
+        raise _bad_cursor(exc) from None
+
+
+@router.get("/fleet", summary="Counts of devices by status")
+def fleet(ctx: Ctx) -> FleetCounts:
+    with ctx.engine.connect() as conn:
+        return queries.fleet_counts(conn, offline_factor=ctx.settings.offline_factor)
+
+
+@router.get("/rejected", summary="Dead letters: refused input with the reason, newest first")
+def list_rejected(
+    ctx: Ctx,
+    device_id: str | None = None,
+    reason: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: Limit = 100,
+    cursor: Cursor = None,
+) -> Page[RejectedRecord]:
+    try:
+        with ctx.engine.connect() as conn:
+            return queries.list_rejected(
+                conn,
+                device_id=device_id,
+                reason=reason,
+                since=since,
+                until=until,
+                limit=limit,
+                cursor=cursor,
+            )
+    except queries.BadCursor as exc:
+        raise _bad_cursor(exc) from None
