@@ -48,16 +48,15 @@ async def read_body(request: Request, limit: int = MAX_PAYLOAD_BYTES) -> bytes:
     return b"".join(chunks)
 
 
-def check_content_type(request: Request, body: bytes) -> None:
+def with_content_type_hint(request: Request, error: InputError) -> InputError:
+    """Bodies are parsed whatever their Content-Type (simple clients send `text/plain` or a
+    form type); when one is not JSON, the message says what the client declared."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if (
-        body.strip()
-        and content_type
-        and not (content_type in JSON_TYPES or content_type.endswith("+json"))
-    ):
-        raise InputError(
-            Reason.NOT_JSON, f"Content-Type {content_type!r} is not JSON; send application/json"
-        )
+    if error.reason not in (Reason.NOT_JSON, Reason.NOT_UTF8) or not content_type:
+        return error
+    if content_type in JSON_TYPES or content_type.endswith("+json"):
+        return error
+    return InputError(error.reason, f"{error.detail} (Content-Type was {content_type!r})")
 
 
 @router.post(
@@ -86,9 +85,9 @@ async def post_heartbeat(
     try:
         validate_device_id(device_id)
         body = await read_body(request)
-        check_content_type(request, body)
         heartbeat = Heartbeat.from_payload(device_id, parse_payload(body), Source.HTTP, received_at)
     except InputError as error:
+        error = with_content_type_hint(request, error)
         await _dead_letter(ctx, error, body, device_id, request.url.path)
         raise HTTPException(
             STATUS_FOR_REASON.get(error.reason, status.HTTP_422_UNPROCESSABLE_CONTENT),
