@@ -19,6 +19,8 @@ from gateway.settings import BridgeSettings
 
 log = logging.getLogger(__name__)
 
+PUBLISH_RETRY_DELAY_S = 1.0
+
 
 class Bridge:
     def __init__(self, settings: BridgeSettings) -> None:
@@ -55,6 +57,7 @@ class Bridge:
             except PublishFailed as exc:
                 metrics.PUBLISH_FAILURES.labels("bridge").inc()
                 log.warning("not forwarded, will be redelivered: %s", exc)
+                await asyncio.sleep(PUBLISH_RETRY_DELAY_S)  # no hot loop while the broker refuses
                 if not message.channel.is_closed:
                     await message.nack(requeue=True)
                 return

@@ -18,7 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    StrictBool,
+    PlainValidator,
     StrictInt,
     StringConstraints,
     ValidationError,
@@ -40,12 +40,33 @@ EPOCH_MS_THRESHOLD = 100_000_000_000
 RESERVED_FIELDS = frozenset({"ts", "seq", "msg_id", "metrics"})
 METRIC_NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
-MetricValue = (
-    StrictBool
-    | Annotated[int, Field(strict=True, ge=-MAX_INT, le=MAX_INT)]
-    | Annotated[float, Field(strict=True, allow_inf_nan=False)]
-    | Annotated[str, StringConstraints(max_length=MAX_METRIC_STRING)]
-)
+
+def _metric_value(value: Any) -> bool | int | float | str:
+    """A metric is a finite number (64-bit when integral), a boolean or a short string."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if not -MAX_INT <= value <= MAX_INT:
+            raise ValueError("integer is out of the 64-bit range")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("number must be finite")
+        return value
+    if isinstance(value, str):
+        if len(value) > MAX_METRIC_STRING:
+            raise ValueError(f"text is longer than {MAX_METRIC_STRING} characters")
+        if "\x00" in value:
+            raise ValueError("text must not contain NUL characters")
+        return value
+    kind = {type(None): "null", dict: "an object", list: "an array"}.get(type(value), "other")
+    raise ValueError(f"must be a number, boolean or short string, not {kind}")
+
+
+MetricValue = Annotated[
+    bool | int | float | str,
+    PlainValidator(_metric_value, json_schema_input_type=bool | int | float | str),
+]
 MsgId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import random
 import time
@@ -12,7 +14,8 @@ import aio_pika.abc
 import redis
 from pydantic import ValidationError
 from sqlalchemy import Engine, text
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from gateway import metrics, state, store, topology
 from gateway.broker import Publisher, PublishFailed, connect
@@ -30,16 +33,23 @@ log = logging.getLogger(__name__)
 MAX_DIRTY = 100_000
 
 
+#: SQLSTATE classes that say "not now" rather than "not this": connection exception,
+#: insufficient resources, operator intervention (shutdown), transaction rollback (deadlock).
+TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "53", "57", "40"})
+
+
 def is_transient(exc: SQLAlchemyError) -> bool:
     """A lost connection or a database that is down: retry later, don't blame the message."""
-    if isinstance(exc, DBAPIError):
-        return exc.connection_invalidated or exc.orig is None or _pg_class(exc) in {"08", "57"}
-    return True
-
-
-def _pg_class(exc: DBAPIError) -> str:
+    if isinstance(exc, PoolTimeout):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False  # e.g. a value the driver cannot send: the message is at fault
+    if exc.connection_invalidated:
+        return True
     code = getattr(exc.orig, "pgcode", None)
-    return code[:2] if code else "08"  # no SQLSTATE: the driver lost the server
+    if code:
+        return code[:2] in TRANSIENT_SQLSTATE_CLASSES
+    return isinstance(exc, OperationalError | InterfaceError)  # no SQLSTATE: server unreachable
 
 
 class Worker:
@@ -65,7 +75,11 @@ class Worker:
                 items.append((message, decode_work(message.body)))
             except ValidationError as exc:
                 error = InputError(Reason.INVALID_MESSAGE, describe_validation_error(exc))
-                invalid.append(Rejection.of(error, message.body, Source.WORK_QUEUE))
+                invalid.append(
+                    Rejection.of(
+                        error, message.body, Source.WORK_QUEUE, device_id=_claimed_device(message)
+                    )
+                )
         result = await self._store([item for _, item in items], invalid)
         if result is None:
             return  # shutting down with the database away: unacked messages are redelivered
@@ -267,6 +281,14 @@ async def _ack(message: Message) -> None:
     if message.channel.is_closed:
         return  # its channel is gone: the broker redelivers it, and the write is idempotent
     await message.ack()
+
+
+def _claimed_device(message: Message) -> str | None:
+    """The device a malformed work message names, if any (for filtering dead letters)."""
+    with contextlib.suppress(ValueError):
+        claimed = json.loads(message.body).get("device_id")
+        return claimed if isinstance(claimed, str) else None
+    return None
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:

@@ -1,0 +1,47 @@
+# The two commands a newcomer needs: `make run` (the whole stack, Ctrl-C stops it) and
+# `make test` (the whole suite, starting everything it needs).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run up down status test lint format bench install clean
+
+run: install  ## Start the stack in the foreground; Ctrl-C stops everything
+	$(BIN)/gateway stack run
+
+up: install  ## Start the stack in the background; returns once /readyz answers 200
+	$(BIN)/gateway stack up
+
+down:  ## Stop what `make up` started
+	@if [ -x $(BIN)/gateway ]; then $(BIN)/gateway stack down; fi
+
+status: install
+	$(BIN)/gateway stack status
+
+test: install  ## The whole suite: unit, integration, end-to-end (starts its own stack)
+	$(BIN)/gateway stack install --with-test-tools
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q python3-venv; \
+	  else echo "python3-venv is missing: sudo apt-get install -y python3-venv"; exit 1; fi; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+clean: down
+	rm -rf $(VENV) .run .pytest_cache .ruff_cache .hypothesis

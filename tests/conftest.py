@@ -1,0 +1,96 @@
+"""Test harness: real RabbitMQ (with the MQTT plugin), PostgreSQL and Redis.
+
+The harness starts the project's `test` stack (its own ports, see gateway/localstack.py) and
+stops it at the end if it started it. Integration tests get a RabbitMQ vhost of their own, so
+in-process bridges and workers never compete with the stack's processes. A missing service
+skips these tests locally, with the reason, and fails them under CI=true.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import Engine
+from support import unavailable, unique
+
+from gateway.db import make_engine
+from gateway.localstack import LocalStack, StackError
+from gateway.topology import SERVICE_USER
+
+OPERATOR_TOKEN = "test-operator-token-" + uuid.uuid4().hex
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[LocalStack]:
+    """RabbitMQ, PostgreSQL and Redis of the test stack (started if needed)."""
+    os.environ["GATEWAY_OPERATOR_TOKEN"] = OPERATOR_TOKEN
+    test_stack = LocalStack.test()
+    was_running = test_stack.component("rabbitmq").pid() is not None
+    try:
+        test_stack.up(apps=False, echo=False)
+    except (StackError, OSError) as exc:
+        unavailable(f"cannot start the test stack: {exc}")
+    yield test_stack
+    if not was_running and not os.environ.get("GATEWAY_TEST_KEEP_STACK"):
+        test_stack.down(echo=False)
+
+
+@pytest.fixture(scope="session")
+def apps(stack: LocalStack) -> Iterator[LocalStack]:
+    """bridge, worker and api processes of the test stack, in its `/` vhost."""
+    for name in ("worker", "bridge", "api"):
+        stack.stop_app(name)  # fresh processes with this session's settings
+        stack.start_app(name)
+    try:
+        stack.wait_apps()
+    except StackError as exc:
+        pytest.fail(str(exc))
+    yield stack
+    for name in ("api", "bridge", "worker"):
+        stack.stop_app(name)
+
+
+@pytest.fixture(scope="session")
+def engine(stack: LocalStack) -> Iterator[Engine]:
+    eng = make_engine(stack.database_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_client(stack: LocalStack) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(stack.redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def vhost(stack: LocalStack) -> Iterator[str]:
+    """A fresh RabbitMQ vhost with the topology declared; yields its AMQP URL."""
+    name = unique("test")
+    stack.management("PUT", f"/api/vhosts/{name}", {})
+    stack.management(
+        "PUT",
+        f"/api/permissions/{name}/{SERVICE_USER}",
+        {"configure": ".*", "write": ".*", "read": ".*"},
+    )
+    base = stack.amqp_url.rsplit("/", 1)[0]
+    url = f"{base}/{urllib.parse.quote(name, safe='')}"
+    yield url
+    stack.management("DELETE", f"/api/vhosts/{name}")
+
+
+@pytest.fixture
+def api(apps: LocalStack) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=apps.api_url,
+        headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"},
+        timeout=10,
+    ) as client:
+        yield client

@@ -1,0 +1,73 @@
+"""Helpers for tests: polling with deadlines, unique names, running services in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import pytest
+
+T = TypeVar("T")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: a missing service is a failure)")
+    pytest.skip(reason)
+
+
+def poll(check: Callable[[], T], *, timeout: float = 15.0, what: str = "condition") -> T:
+    """Call `check` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+def unique(prefix: str = "dev") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+async def apoll(check: Callable[[], Any], *, timeout: float = 15.0, what: str = "condition") -> Any:
+    """`poll` for tests that run services in their own event loop: sleeps without blocking it."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+@contextlib.asynccontextmanager
+async def serving(service: Any, timeout: float = 20.0) -> AsyncIterator[Any]:
+    """Run `service.serve(stop)` in this loop until the block ends, then stop it cleanly."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.serve(stop), name=f"serve:{type(service).__name__}")
+
+    async def ready() -> bool:
+        if task.done():
+            task.result()  # raises what made it stop
+        return all((await service.ready()).values())
+
+    await apoll(ready, timeout=timeout, what=f"{type(service).__name__} ready")
+    try:
+        yield service
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout)

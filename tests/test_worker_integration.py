@@ -1,0 +1,198 @@
+"""The worker against real RabbitMQ, PostgreSQL and Redis: batching, idempotency, device state,
+bad messages. Each test has its own vhost and device ids."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+
+import aio_pika
+import pytest
+import redis
+from sqlalchemy import Engine, func, select, text
+from support import apoll, serving, unique
+
+from gateway import state, topology
+from gateway.broker import Publisher
+from gateway.messages import Heartbeat, Source, StatusReport
+from gateway.payload import HeartbeatPayload
+from gateway.schema import devices, heartbeats, rejected
+from gateway.settings import WorkerSettings
+from worker.service import Worker
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2026, 11, 29, 10, 0, tzinfo=UTC)
+
+
+def worker_for(url: str, stack, **overrides) -> Worker:
+    settings = WorkerSettings(
+        amqp_url=url,
+        database_url=stack.database_url,
+        redis_url=stack.redis_url,
+        worker_health_port=0,
+        **overrides,
+    )
+    return Worker(settings)
+
+
+def beat(device: str, msg_id: str, at: datetime, **metrics) -> Heartbeat:
+    payload = HeartbeatPayload(msg_id=msg_id, seq=int(msg_id.rsplit("-", 1)[-1]), metrics=metrics)
+    return Heartbeat.from_payload(device, payload, Source.MQTT, received_at=at)
+
+
+def count_rows(engine: Engine, device: str) -> int:
+    with engine.connect() as conn:
+        return conn.scalar(
+            select(func.count()).select_from(heartbeats).where(heartbeats.c.device_id == device)
+        )
+
+
+async def open_publisher(conn: aio_pika.abc.AbstractConnection) -> Publisher:
+    return await Publisher.open(conn, timeout=10)
+
+
+def test_batches_one_transaction_each(vhost: str, stack, engine: Engine) -> None:
+    device = unique()
+    sent = [beat(device, f"m-{i}", T0 + timedelta(seconds=i), cpu=i) for i in range(50)]
+
+    async def scenario() -> None:
+        async with await aio_pika.connect_robust(vhost) as conn:
+            publisher = await open_publisher(conn)
+            for hb in sent:
+                await publisher.publish_work(hb)
+            async with serving(
+                worker_for(vhost, stack, worker_batch_size=20, worker_linger_ms=200)
+            ):
+                await apoll(lambda: count_rows(engine, device) == 50, what="50 rows")
+
+    asyncio.run(scenario())
+    with engine.connect() as conn:
+        commits = conn.scalar(
+            select(func.count(func.distinct(heartbeats.c.stored_at))).where(
+                heartbeats.c.device_id == device
+            )
+        )
+    # stored_at is the transaction's now(): one value per batch of at most 20.
+    assert 3 <= commits <= 5, f"{commits} transactions for 50 messages in batches of 20"
+
+
+def test_redelivery_and_repeated_msg_id_are_stored_once(vhost: str, stack, engine: Engine) -> None:
+    device = unique()
+    original = beat(device, "m-1", T0, cpu=1.0)
+    # The device retried: same msg_id, received later, other values: still the same heartbeat.
+    retried = beat(device, "m-1", T0 + timedelta(seconds=5), cpu=2.0)
+    later = beat(device, "m-2", T0 + timedelta(seconds=10), cpu=3.0)
+
+    async def scenario() -> None:
+        async with await aio_pika.connect_robust(vhost) as conn:
+            publisher = await open_publisher(conn)
+            async with serving(worker_for(vhost, stack)):
+                for hb in (original, original, retried, original, later):
+                    await publisher.publish_work(hb)
+                await apoll(lambda: count_rows(engine, device) == 2, what="2 rows")
+                await asyncio.sleep(0.3)  # any late duplicate would land now
+                # A redelivery after everything was stored changes nothing either.
+                await publisher.publish_work(original)
+                await asyncio.sleep(0.3)
+
+    asyncio.run(scenario())
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(heartbeats.c.msg_id, heartbeats.c.metrics).where(
+                heartbeats.c.device_id == device
+            )
+        ).all()
+        dev = conn.execute(select(devices).where(devices.c.device_id == device)).mappings().one()
+    assert sorted(r.msg_id for r in rows) == ["m-1", "m-2"]
+    assert dev["last_seen"] == later.received_at
+
+
+def test_device_state_moves_forward_and_is_mirrored(
+    vhost: str, stack, engine: Engine, redis_client: redis.Redis
+) -> None:
+    device = unique()
+    beats = [beat(device, f"m-{i}", T0 + timedelta(seconds=i), cpu=float(i)) for i in range(1, 4)]
+
+    async def scenario() -> None:
+        async with await aio_pika.connect_robust(vhost) as conn:
+            publisher = await open_publisher(conn)
+            async with serving(worker_for(vhost, stack, worker_batch_size=1)):
+                # Out of order, one batch each: state must still end at the newest.
+                for hb in (beats[2], beats[0], beats[1]):
+                    await publisher.publish_work(hb)
+                await apoll(lambda: count_rows(engine, device) == 3, what="3 rows")
+                await publisher.publish_work(
+                    StatusReport(device_id=device, status="offline", source=Source.MQTT)
+                )
+                await apoll(
+                    lambda: (state.read(redis_client, device) or _none()).reported_status,
+                    what="status report mirrored",
+                )
+
+    asyncio.run(scenario())
+    with engine.connect() as conn:
+        row = conn.execute(select(devices).where(devices.c.device_id == device)).mappings().one()
+    assert row["first_seen"] == beats[0].received_at
+    assert row["last_seen"] == beats[2].received_at
+    assert row["last_metrics"] == {"cpu": 3.0}
+    assert row["last_seq"] == 3
+    assert row["reported_status"] == "offline"
+    cached = state.read(redis_client, device)
+    assert cached is not None
+    assert cached.version == row["version"]
+    assert cached.last_seen == row["last_seen"]
+    assert cached.last_metrics == {"cpu": 3.0}
+    assert cached.status(3.0, now=beats[2].received_at) == "offline"  # its own word
+
+
+def test_bad_messages_are_dead_lettered_without_blocking(vhost: str, stack, engine: Engine) -> None:
+    device = unique()
+    good = beat(device, "m-1", T0, cpu=1.0)
+    poison = beat(device, "m-2", T0, cpu=2.0)
+    after = beat(device, "m-3", T0 + timedelta(seconds=1), cpu=3.0)
+    # A constraint the worker does not expect refuses one message: it must cost one dead
+    # letter, not a crash, a retry loop or a blocked queue.
+    constraint = f"test_refuse_{device.replace('-', '_')}"
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                f"ALTER TABLE heartbeats ADD CONSTRAINT {constraint} "
+                f"CHECK (NOT (device_id = '{device}' AND msg_id = 'm-2')) NOT VALID"
+            )
+        )
+
+    async def scenario() -> None:
+        async with await aio_pika.connect_robust(vhost) as conn:
+            publisher = await open_publisher(conn)
+            channel = await conn.channel()
+            exchange = await channel.get_exchange(topology.WORK_EXCHANGE)
+            malformed = json.dumps({"kind": "heartbeat", "device_id": device}).encode()
+            await exchange.publish(aio_pika.Message(malformed), topology.work_routing_key(device))
+            for hb in (good, poison, after):
+                await publisher.publish_work(hb)
+            async with serving(worker_for(vhost, stack, worker_linger_ms=300)):
+                await apoll(lambda: count_rows(engine, device) == 2, what="the 2 good rows")
+                await apoll(lambda: len(_rejected(engine, device)) == 2, what="2 dead letters")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f"ALTER TABLE heartbeats DROP CONSTRAINT {constraint}"))
+    dead = {r.reason: r for r in _rejected(engine, device)}
+    assert set(dead) == {"invalid_message", "unstorable"}
+    assert "msg_id: Field required" in dead["invalid_message"].detail
+    assert constraint in dead["unstorable"].detail
+    assert json.loads(dead["unstorable"].payload)["msg_id"] == "m-2"
+
+
+def _rejected(engine: Engine, device: str) -> list:
+    with engine.connect() as conn:
+        rows = conn.execute(select(rejected).where(rejected.c.device_id == device)).all()
+    return rows
+
+
+class _none:
+    reported_status = None
