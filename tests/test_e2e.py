@@ -4,8 +4,11 @@ PostgreSQL and Redis, driven by real MQTT clients (paho-mqtt and mosquitto_pub) 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import paho.mqtt.client as mqtt
@@ -212,3 +215,23 @@ def test_health_endpoints(apps: LocalStack) -> None:
         assert ready.json()["ready"] is True
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         assert "gateway_" in metrics
+
+
+def test_readme_device_example_runs(apps: LocalStack, api) -> None:
+    device = unique("example")
+    env = {"DEVICE_ID": device, "MQTT_PORT": str(apps.ports.mqtt), "COUNT": "3", "INTERVAL": "0"}
+    subprocess.run(
+        [sys.executable, "examples/paho_device.py"],
+        env={**os.environ, **env},
+        check=True,
+        timeout=30,
+        cwd=Path(__file__).parent.parent,
+    )
+    stored = poll(lambda: len(history(api, device)) == 3 and history(api, device), what="3 rows")
+    assert sorted(h["seq"] for h in stored) == [0, 1, 2]
+    # The script ends without DISCONNECT, so the broker publishes its Last Will.
+    state = poll(
+        lambda: (s := device_state(api, device)) and s["reported_status"] == "offline" and s,
+        what="the Last Will",
+    )
+    assert state["status"] == "offline"

@@ -1,0 +1,46 @@
+# One image for every service; docker-compose.yaml picks the command:
+#   gateway-api | gateway-bridge | gateway-worker | gateway migrate
+# Build alone: docker build -t heartbeat-gateway .
+# Plain Dockerfile syntax (no RUN --mount), so the classic builder of docker-compose 1.29
+# builds it as well as BuildKit does.
+
+# ---- build: the project and its dependencies (no dev extras) in a virtualenv --------------
+FROM python:3.11-slim AS build
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN python -m venv /opt/gateway
+WORKDIR /src
+# README.md is pyproject's `readme`, so the build needs it.
+COPY pyproject.toml README.md ./
+COPY gateway/ gateway/
+COPY bridge/ bridge/
+COPY worker/ worker/
+COPY api/ api/
+RUN /opt/gateway/bin/pip install .
+
+# ---- runtime: the virtualenv only (no sources, no build tools), not root -------------------
+FROM python:3.11-slim
+
+RUN groupadd --system --gid 10001 gateway \
+ && useradd --system --uid 10001 --gid gateway --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin gateway
+
+COPY --from=build /opt/gateway /opt/gateway
+
+ENV PATH=/opt/gateway/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    GATEWAY_LOG_FORMAT=json \
+    GATEWAY_API_HOST=0.0.0.0 \
+    GATEWAY_HEALTH_HOST=0.0.0.0
+
+# An empty, read-only working directory: pydantic-settings reads `.env` from here if mounted.
+WORKDIR /app
+# Numeric, so Kubernetes' runAsNonRoot can verify it.
+USER 10001:10001
+
+# api, bridge health, worker health
+EXPOSE 8000 8010 8011
+CMD ["gateway-api"]

@@ -1,0 +1,452 @@
+"""docker-compose.yaml, Dockerfile and .dockerignore, checked without a Docker engine.
+
+The file must parse, pass docker-compose's own validation, start only console scripts the project
+declares, set only GATEWAY_* variables the settings classes read (with values they accept), run the
+broker from the same `rabbitmq/` files as the local stack, and give every long-running service a
+healthcheck that the services depending on it wait for.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from gateway import settings
+from gateway.localstack import LocalStack
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+SETTINGS_CLASSES = (
+    settings.CommonSettings,
+    settings.BridgeSettings,
+    settings.WorkerSettings,
+    settings.ApiSettings,
+)
+#: The settings class each console script builds at startup.
+SETTINGS_OF_SCRIPT: dict[str, type[settings.CommonSettings]] = {
+    "gateway": settings.CommonSettings,
+    "gateway-bridge": settings.BridgeSettings,
+    "gateway-worker": settings.WorkerSettings,
+    "gateway-api": settings.ApiSettings,
+}
+
+INFRASTRUCTURE = ("rabbitmq", "postgres", "redis")
+APP_SERVICES = ("bridge", "worker", "api")
+ONE_SHOT = ("migrate",)
+#: service -> {dependency: condition}; compose must say exactly this.
+EXPECTED_DEPENDENCIES = {
+    "migrate": {"postgres": "service_healthy"},
+    "bridge": {"rabbitmq": "service_healthy"},
+    "worker": {
+        "rabbitmq": "service_healthy",
+        "postgres": "service_healthy",
+        "redis": "service_healthy",
+        "migrate": "service_completed_successfully",
+    },
+    "api": {
+        "rabbitmq": "service_healthy",
+        "postgres": "service_healthy",
+        "redis": "service_healthy",
+        "migrate": "service_completed_successfully",
+    },
+}
+#: The env var that holds the port each app service's /readyz answers on.
+READYZ_PORT_VARIABLE = {
+    "bridge": "GATEWAY_BRIDGE_HEALTH_PORT",
+    "worker": "GATEWAY_WORKER_HEALTH_PORT",
+    "api": "GATEWAY_API_PORT",
+}
+
+#: repo file -> where the rabbitmq container must see it (read-only).
+RABBITMQ_MOUNTS = {
+    "rabbitmq/rabbitmq.conf": "/etc/rabbitmq/rabbitmq.conf",
+    "rabbitmq/enabled_plugins": "/etc/rabbitmq/enabled_plugins",
+    "rabbitmq/definitions.json": "/etc/rabbitmq/definitions.json",
+}
+#: rabbitmq.conf keys the local stack may set differently: its own ports, loopback, file paths.
+LOCAL_STACK_OVERRIDES = frozenset(
+    {
+        "listeners.tcp.default",
+        "mqtt.listeners.tcp.default",
+        "management.tcp.ip",
+        "management.tcp.port",
+        "prometheus.tcp.ip",
+        "prometheus.tcp.port",
+        "load_definitions",
+    }
+)
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    document = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(document, dict), "docker-compose.yaml is not a mapping"
+    assert isinstance(document.get("services"), dict), "docker-compose.yaml has no `services:`"
+    return document
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return compose["services"]
+
+
+def accepted_variables() -> set[str]:
+    return {"GATEWAY_" + name.upper() for cls in SETTINGS_CLASSES for name in cls.model_fields}
+
+
+def declared_scripts() -> set[str]:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return set(pyproject["project"]["scripts"])
+
+
+def command_words(service: dict[str, Any]) -> list[str]:
+    command = service.get("command", [])
+    return shlex.split(command) if isinstance(command, str) else [str(w) for w in command]
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    """A service's `environment:`, in either the mapping or the list form."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+
+
+def interpolate(value: str) -> str:
+    """Compose's `${VAR:-default}` / `${VAR-default}` / `${VAR}`, resolved to the defaults only."""
+    value = re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}", lambda m: m.group(2) or "", value)
+    return value.replace("$$", "$")
+
+
+def published_ports(service: dict[str, Any]) -> set[tuple[int, int]]:
+    """(host port, container port) pairs, from the short or the long syntax."""
+    pairs = set()
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            pairs.add((int(port["published"]), int(port["target"])))
+        else:
+            *_, host, container = str(port).split("/")[0].split(":")
+            pairs.add((int(host), int(container)))
+    return pairs
+
+
+def bind_mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """container path -> (host path, read-only) for the service's bind mounts."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            if volume.get("type") == "bind":
+                mounts[volume["target"]] = (volume["source"], bool(volume.get("read_only")))
+            continue
+        source, target, *options = str(volume).split(":")
+        if source.startswith((".", "/", "~")):
+            mounts[target] = (source, "ro" in ",".join(options).split(","))
+    return mounts
+
+
+def conf_lines(text: str) -> dict[str, str]:
+    """The `key = value` lines of a rabbitmq.conf, by key."""
+    lines = {}
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#") and "=" in stripped:
+            lines[stripped.split("=", 1)[0].strip()] = stripped
+    return lines
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    instructions = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            word, _, rest = stripped.partition(" ")
+            instructions.append((word.upper(), rest.strip()))
+    return instructions
+
+
+# ---- 1, 2: the file parses and compose accepts it -------------------------------------------
+
+
+def test_compose_file_parses_and_has_the_expected_services(services: dict[str, Any]) -> None:
+    expected = {*INFRASTRUCTURE, *ONE_SHOT, *APP_SERVICES}
+    assert set(services) == expected, (
+        f"docker-compose.yaml services are {sorted(services)}, expected {sorted(expected)}; "
+        "update this test when the stack gains or loses a service"
+    )
+
+
+def test_docker_compose_accepts_the_file() -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        reason = (
+            "docker-compose is not installed (Debian package `docker-compose`: "
+            "apt-get install -y docker-compose, or `gateway stack install --with-test-tools`)"
+        )
+        if IN_CI:
+            pytest.fail(reason + " (CI=true: a missing tool is a failure)")
+        pytest.skip(reason)
+    result = subprocess.run(
+        [binary, "-f", str(COMPOSE_FILE), "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, f"docker-compose config rejects the file:\n{result.stderr}"
+    assert "WARNING" not in result.stderr, f"docker-compose config warns:\n{result.stderr}"
+
+
+# ---- 3, 4: commands and settings ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [*ONE_SHOT, *APP_SERVICES])
+def test_service_runs_a_declared_console_script_from_the_project_image(
+    services: dict[str, Any], name: str
+) -> None:
+    service = services[name]
+    words = command_words(service)
+    assert words, f"service {name} has no `command:`"
+    assert words[0] in declared_scripts(), (
+        f"service {name} runs {words[0]!r}, which is not in pyproject's [project.scripts] "
+        f"({sorted(declared_scripts())})"
+    )
+    assert service.get("build") in (".", {"context": "."}), (
+        f"service {name} must be built from the project's Dockerfile (`build: .`)"
+    )
+    images = {services[other].get("image") for other in (*ONE_SHOT, *APP_SERVICES)}
+    assert len(images) == 1, f"migrate, bridge, worker and api must share one image, got {images}"
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_DEPENDENCIES) + list(INFRASTRUCTURE))
+def test_gateway_variables_are_settings_fields(services: dict[str, Any], name: str) -> None:
+    gateway_variables = {var for var in environment(services[name]) if var.startswith("GATEWAY_")}
+    unknown = sorted(gateway_variables - accepted_variables())
+    assert not unknown, (
+        f"service {name} sets {unknown}, which no settings class in gateway/settings.py reads "
+        "(a typo, or a renamed field?)"
+    )
+
+
+@pytest.mark.parametrize("name", [*ONE_SHOT, *APP_SERVICES])
+def test_service_environment_builds_its_settings(
+    services: dict[str, Any],
+    name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """With compose's defaults (no .env), each service's settings validate: it would start."""
+    for var in list(os.environ):
+        if var.startswith("GATEWAY_"):
+            monkeypatch.delenv(var)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    for var, value in environment(services[name]).items():
+        monkeypatch.setenv(var, interpolate(value))
+    script = command_words(services[name])[0]
+    settings_class = SETTINGS_OF_SCRIPT.get(script)
+    if settings_class is None:
+        pytest.fail(f"service {name} runs {script!r}; add it to SETTINGS_OF_SCRIPT in this test")
+    try:
+        built = settings_class()
+    except ValidationError as exc:
+        pytest.fail(f"service {name}'s environment does not build {settings_class.__name__}: {exc}")
+    assert "@postgres:5432/" in str(built.database_url), (
+        f"service {name} must reach PostgreSQL at postgres:5432, not {built.database_url}"
+    )
+    if name in APP_SERVICES:
+        assert "@rabbitmq:5672/" in str(built.amqp_url), f"service {name}: wrong GATEWAY_AMQP_URL"
+        assert str(built.redis_url).startswith("redis://redis:6379/"), (
+            f"service {name}: wrong GATEWAY_REDIS_URL"
+        )
+        assert built.log_format == "json", f"service {name} must log JSON lines in a container"
+
+
+def test_api_environment_and_operator_token_come_from_the_caller(
+    services: dict[str, Any],
+) -> None:
+    env = environment(services["api"])
+    assert env.get("GATEWAY_ENVIRONMENT") == "${GATEWAY_ENVIRONMENT:-development}", (
+        "api: GATEWAY_ENVIRONMENT must default to development but be overridable"
+    )
+    assert env.get("GATEWAY_OPERATOR_TOKEN", "").startswith("${GATEWAY_OPERATOR_TOKEN"), (
+        "api: GATEWAY_OPERATOR_TOKEN must come from the caller's environment, never the file"
+    )
+    assert env.get("GATEWAY_API_HOST") == "0.0.0.0", "api must listen on 0.0.0.0 in a container"
+
+
+# ---- 5: the broker runs from the same files as the local stack ------------------------------
+
+
+def test_rabbitmq_mounts_the_shared_config_read_only(services: dict[str, Any]) -> None:
+    rabbitmq = services["rabbitmq"]
+    assert str(rabbitmq.get("image", "")).startswith("rabbitmq:3.10-management"), (
+        "rabbitmq must run image rabbitmq:3.10-management (3.10 matches Debian's 3.10.8)"
+    )
+    mounts = bind_mounts(rabbitmq)
+    expected = {target: source for source, target in RABBITMQ_MOUNTS.items()}
+    assert set(mounts) == set(expected), (
+        f"rabbitmq bind-mounts {sorted(mounts)}, expected exactly {sorted(expected)}"
+    )
+    for target, (source, read_only) in mounts.items():
+        resolved = (ROOT / source).resolve()
+        assert resolved == (ROOT / expected[target]).resolve(), (
+            f"rabbitmq mounts {source} at {target}, expected ./{expected[target]}"
+        )
+        assert resolved.is_file(), f"{expected[target]} is mounted but missing from the repo"
+        assert read_only, f"rabbitmq must mount {target} read-only (`:ro`)"
+
+
+def test_local_stack_uses_the_same_rabbitmq_config() -> None:
+    shared = conf_lines((ROOT / "rabbitmq" / "rabbitmq.conf").read_text())
+    local = conf_lines(LocalStack.dev().rabbitmq_config())
+    for key, line in shared.items():
+        if key not in LOCAL_STACK_OVERRIDES:
+            assert local.get(key) == line, (
+                f"rabbitmq/rabbitmq.conf says {line!r}, the local stack says {local.get(key)!r}: "
+                "docker compose and `gateway stack` would run different brokers"
+            )
+    extra = sorted(set(local) - set(shared) - LOCAL_STACK_OVERRIDES)
+    assert not extra, f"the local stack adds settings compose lacks: {extra}"
+    assert shared.get("load_definitions") == (
+        "load_definitions = " + RABBITMQ_MOUNTS["rabbitmq/definitions.json"]
+    ), "rabbitmq.conf must load the definitions from where compose mounts them"
+    local_definitions = Path(local["load_definitions"].split("=", 1)[1].strip())
+    assert local_definitions == ROOT / "rabbitmq" / "definitions.json", (
+        f"the local stack loads {local_definitions}, not the repo's rabbitmq/definitions.json"
+    )
+
+
+def test_local_stack_uses_the_same_enabled_plugins() -> None:
+    plugins = Path(LocalStack.dev().rabbitmq_env()["RABBITMQ_ENABLED_PLUGINS_FILE"])
+    assert plugins.resolve() == (ROOT / "rabbitmq" / "enabled_plugins").resolve(), (
+        f"the local stack enables the plugins of {plugins}, compose those of "
+        "rabbitmq/enabled_plugins"
+    )
+    assert "rabbitmq_mqtt" in plugins.read_text(), "rabbitmq/enabled_plugins lacks rabbitmq_mqtt"
+
+
+# ---- 6: healthchecks, dependencies, ports ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [*INFRASTRUCTURE, *APP_SERVICES])
+def test_long_running_service_has_a_healthcheck(services: dict[str, Any], name: str) -> None:
+    healthcheck = services[name].get("healthcheck") or {}
+    assert healthcheck.get("test") and not healthcheck.get("disable"), (
+        f"service {name} runs for good but has no healthcheck; services depending on it "
+        "could not wait for it"
+    )
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_healthcheck_asks_readyz_on_the_service_port(
+    services: dict[str, Any], name: str
+) -> None:
+    service = services[name]
+    test = service["healthcheck"]["test"]
+    probe = " ".join(test) if isinstance(test, list) else str(test)
+    port = environment(service).get(READYZ_PORT_VARIABLE[name])
+    assert port, f"service {name} must set {READYZ_PORT_VARIABLE[name]} (its healthcheck uses it)"
+    assert f"127.0.0.1:{interpolate(port)}/readyz" in probe, (
+        f"service {name}'s healthcheck must fetch http://127.0.0.1:{port}/readyz, got: {probe}"
+    )
+    assert service.get("restart") == "unless-stopped", (
+        f"service {name} must have `restart: unless-stopped`"
+    )
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_DEPENDENCIES))
+def test_service_waits_for_its_dependencies(services: dict[str, Any], name: str) -> None:
+    depends_on = services[name].get("depends_on") or {}
+    assert isinstance(depends_on, dict), (
+        f"service {name}: use depends_on's long form with `condition:`, so it waits for health"
+    )
+    conditions = {dep: (spec or {}).get("condition") for dep, spec in depends_on.items()}
+    assert conditions == EXPECTED_DEPENDENCIES[name], (
+        f"service {name} depends on {conditions}, expected {EXPECTED_DEPENDENCIES[name]}"
+    )
+
+
+def test_mqtt_and_api_are_published(services: dict[str, Any]) -> None:
+    assert (1883, 1883) in published_ports(services["rabbitmq"]), (
+        "rabbitmq must publish MQTT on host port 1883"
+    )
+    assert (8000, 8000) in published_ports(services["api"]), "api must publish host port 8000"
+    assert environment(services["api"]).get("GATEWAY_API_PORT") == "8000", (
+        "api must listen on 8000, the port it publishes"
+    )
+    for name in ("bridge", "worker"):
+        assert not published_ports(services[name]), (
+            f"service {name} publishes host ports: `--scale {name}=N` would collide"
+        )
+
+
+def test_data_lives_in_named_volumes(compose: dict[str, Any], services: dict[str, Any]) -> None:
+    volumes = set(compose.get("volumes") or {})
+    for name, path in (("postgres", "/var/lib/postgresql/data"), ("rabbitmq", "/var/lib/rabbitmq")):
+        named = {
+            str(v).split(":")[1]
+            for v in services[name].get("volumes", [])
+            if str(v).split(":")[0] in volumes
+        }
+        assert path in named, f"service {name} must keep {path} in a named volume"
+
+
+# ---- the image ------------------------------------------------------------------------------
+
+
+def test_dockerfile_installs_the_project_as_a_non_root_user() -> None:
+    instructions = dockerfile_instructions()
+    bases = [args.split()[0] for word, args in instructions if word == "FROM"]
+    assert bases and all(base == "python:3.11-slim" for base in bases), (
+        f"the image must build on python:3.11-slim, got {bases}"
+    )
+    copied = " ".join(args for word, args in instructions if word == "COPY")
+    for needed in ("pyproject.toml", "README.md", "gateway/", "bridge/", "worker/", "api/"):
+        assert needed in copied, f"the Dockerfile does not COPY {needed} (pip install . needs it)"
+    installs = " ".join(args for word, args in instructions if word == "RUN")
+    assert "pip install ." in installs and "[dev]" not in installs, (
+        "the image must `pip install .` the project, without the dev extras"
+    )
+    users = [args for word, args in instructions if word == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), (
+        "the image must run as a non-root USER"
+    )
+    env_names = {
+        match
+        for word, args in instructions
+        if word == "ENV"
+        for match in re.findall(r"(GATEWAY_\w+)=", args)
+    }
+    unknown = sorted(env_names - accepted_variables())
+    assert not unknown, f"the Dockerfile sets {unknown}, which no settings class reads"
+
+
+def test_dockerignore_keeps_local_state_out_but_not_the_sources() -> None:
+    patterns = {
+        line.strip().rstrip("/")
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for excluded in (".venv", ".run", ".git", "tests", "**/__pycache__"):
+        assert excluded in patterns, f".dockerignore must exclude {excluded}"
+    for needed in ("pyproject.toml", "README.md", "gateway", "bridge", "worker", "api"):
+        assert needed not in patterns, f".dockerignore excludes {needed}, which the build needs"
