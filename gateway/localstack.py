@@ -215,7 +215,12 @@ class LocalStack:
 
     def run(self) -> None:
         """`make run`: start everything, follow until Ctrl-C, then stop everything."""
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        def interrupt(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt
+
+        # Explicitly: a shell that starts us in the background sets SIGINT to "ignore".
+        signal.signal(signal.SIGINT, interrupt)
+        signal.signal(signal.SIGTERM, interrupt)
         try:
             self.up()
             print("Ctrl-C stops the stack.", flush=True)
