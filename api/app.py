@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from api import ingest, operators
+from api import broker_auth, ingest, operators
 from api.context import Context
 from gateway import logs
 from gateway.broker import Publisher, connect
@@ -55,6 +55,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     )
     app.include_router(ingest.router)
     app.include_router(operators.router)
+    app.include_router(broker_auth.router)
 
     @app.middleware("http")
     async def request_id(request: Request, call_next):

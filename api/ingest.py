@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from api.context import Context, context
-from gateway import metrics
+from gateway import metrics, registry
 from gateway.broker import PublishFailed
 from gateway.errors import InputError, Reason
 from gateway.messages import Heartbeat, Rejection, Source, utcnow
@@ -25,6 +27,7 @@ STATUS_FOR_REASON = {
     Reason.NOT_UTF8: status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
 }
 JSON_TYPES = ("application/json", "text/json")
+device_bearer = HTTPBearer(auto_error=False, description="The device's token")
 
 
 class Accepted(BaseModel):
@@ -64,6 +67,8 @@ def with_content_type_hint(request: Request, error: InputError) -> InputError:
     status_code=status.HTTP_202_ACCEPTED,
     summary="Send a heartbeat over HTTP",
     responses={
+        401: {"description": "Missing or invalid device token"},
+        403: {"description": "The token is another device's, or the device is disabled"},
         413: {"description": "Payload over 16 KiB"},
         415: {"description": "Not JSON"},
         422: {"description": "Invalid payload or device id; `detail` names the problem"},
@@ -77,13 +82,20 @@ def with_content_type_hint(request: Request, error: InputError) -> InputError:
     },
 )
 async def post_heartbeat(
-    device_id: str, request: Request, ctx: Annotated[Context, Depends(context)]
+    device_id: str,
+    request: Request,
+    ctx: Annotated[Context, Depends(context)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(device_bearer)],
 ) -> Accepted:
     """Answers 202 only once the broker has confirmed the heartbeat on a durable queue."""
     received_at = utcnow()
     body = b""
     try:
         validate_device_id(device_id)
+    except InputError as error:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, error.detail) from None
+    await authenticate_device(ctx, device_id, credentials)
+    try:
         body = await read_body(request)
         heartbeat = Heartbeat.from_payload(device_id, parse_payload(body), Source.HTTP, received_at)
     except InputError as error:
@@ -105,6 +117,40 @@ async def post_heartbeat(
         ) from None
     metrics.RECEIVED.labels(Source.HTTP.value).inc()
     return Accepted(id=str(heartbeat.id))
+
+
+async def authenticate_device(
+    ctx: Context, device_id: str, credentials: HTTPAuthorizationCredentials | None
+) -> None:
+    """401 without a valid device token, 403 with another device's token or when disabled."""
+    if credentials is None:
+        metrics.AUTH_FAILURES.labels("http", "missing_token").inc()
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing device token: send Authorization: Bearer <device token>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    def lookup() -> registry.Identity | None:
+        with ctx.engine.connect() as conn:
+            return registry.identify(conn, credentials.credentials)
+
+    identity = await asyncio.to_thread(lookup)
+    if identity is None:
+        metrics.AUTH_FAILURES.labels("http", "bad_token").inc()
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "invalid device token (unknown, or replaced by a rotation)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if identity.device_id != device_id:
+        metrics.AUTH_FAILURES.labels("http", "other_device").inc()
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, f"this token may not send heartbeats for {device_id!r}"
+        )
+    if not identity.enabled:
+        metrics.AUTH_FAILURES.labels("http", "disabled").inc()
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"device {device_id!r} is disabled")
 
 
 async def _dead_letter(

@@ -1,28 +1,50 @@
-"""Entry point: `gateway-api` (uvicorn)."""
+"""Entry point: `gateway-api` (uvicorn), on two listeners.
+
+The public listener (`GATEWAY_API_HOST:GATEWAY_API_PORT`) serves devices and operators; the
+internal one (`GATEWAY_API_INTERNAL_HOST:GATEWAY_API_INTERNAL_PORT`) serves only the endpoints
+RabbitMQ calls to admit devices. One app, two sockets: a request knows which one it came in on.
+"""
 
 from __future__ import annotations
 
+import socket
 import sys
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from gateway import logs
-from gateway.settings import ApiSettings
+from gateway.settings import ApiSettings, load
+
+
+def listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
 
 
 def main() -> int:
-    settings = ApiSettings()  # refuses an unsafe operator token outside development
+    settings = load(ApiSettings)  # refuses an unsafe operator token outside development
     logs.configure(settings.log_level, settings.log_format)
-    uvicorn.run(
+    config = uvicorn.Config(
         "api.app:create_app",
         factory=True,
-        host=settings.api_host,
-        port=settings.api_port,
         workers=settings.api_workers,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
     )
+    sockets = [
+        listen(settings.api_host, settings.api_port),
+        listen(settings.api_internal_host, settings.api_internal_port),
+    ]
+    if settings.api_workers > 1:
+        Multiprocess(config, sockets=sockets).run()
+    else:
+        uvicorn.Server(config).run(sockets=sockets)
     return 0
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated
 
@@ -11,7 +13,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, status
 
 from api.auth import Operator
 from api.context import Context, context
-from gateway import metrics, queries, state
+from gateway import metrics, queries, registry, state
 from gateway.messages import DeviceStatus, utcnow
 from gateway.queries import (
     MAX_PAGE,
@@ -52,6 +54,63 @@ def list_devices(
             )
     except queries.BadCursor as exc:
         raise _bad_cursor(exc) from None
+
+
+@router.post(
+    "/devices",
+    status_code=status.HTTP_201_CREATED,
+    summary="Register a device; answers its token, this once",
+    responses={409: {"description": "Already registered"}},
+)
+def register_device(registration: registry.Registration, ctx: Ctx) -> registry.IssuedToken:
+    with _registry_errors(), ctx.engine.begin() as conn:
+        issued, device = registry.register(conn, registration)
+    _mirror(ctx, device)
+    log.info("registered device %s", issued.device_id)
+    return issued
+
+
+@router.post(
+    "/devices/{device_id}/token",
+    summary="Rotate a device's token: the old one stops working at once",
+)
+def rotate_token(device_id: str, ctx: Ctx) -> registry.IssuedToken:
+    with _registry_errors(), ctx.engine.begin() as conn:
+        issued, device = registry.rotate(conn, device_id)
+    _mirror(ctx, device)
+    log.info("rotated the token of device %s", device_id)
+    return issued
+
+
+@router.patch("/devices/{device_id}", summary="Change a device's interval, or enable/disable it")
+def change_device(device_id: str, changes: registry.DeviceChanges, ctx: Ctx) -> DeviceView:
+    with _registry_errors(), ctx.engine.begin() as conn:
+        device = registry.change(conn, device_id, changes)
+    _mirror(ctx, device)
+    return DeviceView.of(device, ctx.settings.offline_factor, utcnow())
+
+
+@contextlib.contextmanager
+def _registry_errors() -> Iterator[None]:
+    try:
+        yield
+    except registry.UnknownDevice as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    except registry.DeviceExists as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    except registry.RegistryError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+
+
+def _mirror(ctx: Context, device: state.DeviceState) -> None:
+    """Registry changes reach the Redis read path at once (best effort: the worker repairs)."""
+    try:
+        state.mirror(ctx.redis, [device])
+    except redis.RedisError as exc:
+        metrics.REDIS_ERRORS.labels("api").inc()
+        log.warning("Redis unavailable, device %s not mirrored: %s", device.device_id, exc)
+        with contextlib.suppress(redis.RedisError):
+            ctx.redis.delete(state.redis_key(device.device_id))
 
 
 @router.get("/devices/{device_id}", summary="One device: status, last seen, latest heartbeat")

@@ -6,11 +6,11 @@ import sys
 
 from bridge.service import Bridge
 from gateway import service
-from gateway.settings import BridgeSettings
+from gateway.settings import BridgeSettings, load
 
 
 def main() -> int:
-    settings = BridgeSettings()
+    settings = load(BridgeSettings)
     return service.run("bridge", settings, Bridge(settings).serve)
 
 

@@ -6,6 +6,7 @@ import paho.mqtt.client as mqtt
 
 device, port = os.environ.get("DEVICE_ID", "sensor-1"), int(os.environ.get("MQTT_PORT", "1884"))
 client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device, protocol=mqtt.MQTTv311)
+client.username_pw_set(device, os.environ["DEVICE_TOKEN"])  # from `gateway devices add`
 client.will_set(f"devices/{device}/status", "offline", qos=1)  # sent by the broker if we vanish
 client.connect("127.0.0.1", port, keepalive=30)
 client.loop_start()

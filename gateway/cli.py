@@ -28,6 +28,21 @@ def main(argv: list[str] | None = None) -> int:
         "--with-test-tools", action="store_true", help="install: also the test suite's clients"
     )
 
+    devices = commands.add_parser(
+        "devices", help="register devices and manage their tokens (GATEWAY_DATABASE_URL)"
+    )
+    device_commands = devices.add_subparsers(dest="action", required=True)
+    add = device_commands.add_parser("add", help="register a device; prints its token once")
+    add.add_argument("device_id")
+    add.add_argument("--interval", type=int, default=30, help="heartbeat interval in seconds")
+    device_commands.add_parser("list", help="all devices, with status and last seen")
+    for action, text in (
+        ("rotate", "issue a new token; the old one stops working at once"),
+        ("disable", "refuse the device's logins and heartbeats"),
+        ("enable", "accept the device again"),
+    ):
+        device_commands.add_parser(action, help=text).add_argument("device_id")
+
     commands.add_parser("migrate", help="apply database migrations (GATEWAY_DATABASE_URL)")
     commands.add_parser("definitions", help="print rabbitmq/definitions.json from the topology")
 
@@ -56,6 +71,10 @@ def _run(args: argparse.Namespace) -> int:
                 packages = {**SYSTEM_PACKAGES, **(TEST_PACKAGES if args.with_test_tools else {})}
                 require_system_packages(packages)
         return 0
+    if args.command == "devices":
+        from gateway.devices_cli import run_devices
+
+        return run_devices(args)
     if args.command == "migrate":
         from gateway.db import migrate
         from gateway.settings import CommonSettings

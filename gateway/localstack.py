@@ -64,12 +64,14 @@ class Ports:
     postgres: int
     redis: int
     api: int
+    #: The api's internal listener, which RabbitMQ calls to admit devices.
+    api_internal: int
     bridge_health: int
     worker_health: int
 
 
-DEV_PORTS = Ports(5673, 1884, 15673, 15693, 25673, 5433, 6380, 8000, 8010, 8011)
-TEST_PORTS = Ports(5773, 1984, 15773, 15793, 25773, 5533, 6480, 8100, 8110, 8111)
+DEV_PORTS = Ports(5673, 1884, 15673, 15693, 25673, 5433, 6380, 8000, 8001, 8010, 8011)
+TEST_PORTS = Ports(5773, 1984, 15773, 15793, 25773, 5533, 6480, 8100, 8101, 8110, 8111)
 
 
 @dataclass
@@ -133,7 +135,11 @@ class LocalStack:
 
     @property
     def amqp_url(self) -> str:
-        return f"amqp://{SERVICE_USER}:{SERVICE_PASSWORD}@127.0.0.1:{self.ports.amqp}/%2F"
+        """As the operators' account (administrator)."""
+        return self.amqp_url_for(SERVICE_USER, SERVICE_PASSWORD)
+
+    def amqp_url_for(self, user: str, password: str) -> str:
+        return f"amqp://{user}:{password}@127.0.0.1:{self.ports.amqp}/%2F"
 
     @property
     def database_url(self) -> str:
@@ -166,17 +172,20 @@ class LocalStack:
             path.chmod(0o600)
         return path.read_text().strip()
 
-    def env(self) -> dict[str, str]:
-        """The environment of the app processes: the stack's connections, plus GATEWAY_*."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        env.update({k: v for k, v in os.environ.items() if k.startswith("GATEWAY_")})
+    def env(self, app: str) -> dict[str, str]:
+        """The environment of app `app` (bridge, worker, api): the user's GATEWAY_* settings,
+        then this stack's connections, with the app's own broker account."""
+        account = f"gateway-{app}"
+        env = dict(os.environ)
         env.update(
             GATEWAY_ENVIRONMENT=os.environ.get("GATEWAY_ENVIRONMENT", "development"),
-            GATEWAY_AMQP_URL=self.amqp_url,
+            GATEWAY_AMQP_URL=self.amqp_url_for(account, account),
             GATEWAY_DATABASE_URL=self.database_url,
             GATEWAY_REDIS_URL=self.redis_url,
             GATEWAY_API_HOST="127.0.0.1",
             GATEWAY_API_PORT=str(self.ports.api),
+            GATEWAY_API_INTERNAL_HOST="127.0.0.1",
+            GATEWAY_API_INTERNAL_PORT=str(self.ports.api_internal),
             GATEWAY_BRIDGE_HEALTH_PORT=str(self.ports.bridge_health),
             GATEWAY_WORKER_HEALTH_PORT=str(self.ports.worker_health),
             GATEWAY_OPERATOR_TOKEN=self.operator_token(),
@@ -215,6 +224,7 @@ class LocalStack:
 
     def run(self) -> None:
         """`make run`: start everything, follow until Ctrl-C, then stop everything."""
+
         def interrupt(signum: int, frame: object) -> None:
             raise KeyboardInterrupt
 
@@ -288,6 +298,12 @@ class LocalStack:
             "management.tcp.port": str(p.management),
             "prometheus.tcp.ip": "127.0.0.1",
             "prometheus.tcp.port": str(p.prometheus),
+            **{
+                f"auth_http.{check}_path": (
+                    f"http://127.0.0.1:{p.api_internal}/internal/rabbitmq/{check}"
+                )
+                for check in ("user", "vhost", "resource", "topic")
+            },
         }
         return apply_overrides(shared, overrides)
 
@@ -512,7 +528,7 @@ class LocalStack:
         with component.log_file.open("ab") as log:
             process = subprocess.Popen(
                 [str(executable)],
-                env=env or self.env(),
+                env=env or self.env(name),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -37,4 +37,7 @@ REDIS_ERRORS = Counter("gateway_redis_errors_total", "Failed Redis operations", 
 PUBLISH_FAILURES = Counter(
     "gateway_publish_failures_total", "Publishes the broker did not confirm", ["service"]
 )
+AUTH_FAILURES = Counter(
+    "gateway_auth_failures_total", "Refused device credentials", ["transport", "reason"]
+)
 IN_FLIGHT = Gauge("gateway_in_flight_messages", "Messages taken but not yet acknowledged")

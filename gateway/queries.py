@@ -54,6 +54,8 @@ class DeviceView(BaseModel):
     latest_heartbeat: LatestHeartbeat | None
     reported_status: DeviceStatus | None
     reported_status_at: datetime | None
+    enabled: bool
+    registered_at: datetime | None
 
     @classmethod
     def of(cls, state: DeviceState, offline_factor: float, now: datetime) -> DeviceView:
@@ -77,6 +79,8 @@ class DeviceView(BaseModel):
             latest_heartbeat=latest,
             reported_status=state.reported_status,
             reported_status_at=state.reported_status_at,
+            enabled=state.enabled,
+            registered_at=state.registered_at,
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Index,
@@ -37,7 +38,13 @@ devices = Table(
     Column("reported_status_at", DateTime(timezone=True)),
     #: Bumped by every write; the Redis mirror keeps only the newest version.
     Column("version", BigInteger, nullable=False, server_default=text("1")),
+    #: Credentials: the hash of the device's token (never the token), and whether it may connect.
+    Column("token_hash", Text),
+    Column("enabled", Boolean, nullable=False, server_default=text("true")),
+    Column("registered_at", DateTime(timezone=True)),
+    Column("token_rotated_at", DateTime(timezone=True)),
     Index("ix_devices_last_seen", "last_seen"),
+    Index("ux_devices_token_hash", "token_hash", unique=True),
 )
 
 #: Every stored heartbeat. `id` is derived from (device_id, msg_id), so a retry lands once.

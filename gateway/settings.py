@@ -7,9 +7,10 @@ One class per service, all sharing the connection settings. Build them at startu
 from __future__ import annotations
 
 import secrets
-from typing import Literal
+import sys
+from typing import Literal, TypeVar
 
-from pydantic import AmqpDsn, Field, PostgresDsn, RedisDsn, model_validator
+from pydantic import AmqpDsn, Field, PostgresDsn, RedisDsn, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Environment = Literal["development", "test", "production"]
@@ -66,9 +67,18 @@ class ApiSettings(CommonSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
     api_workers: int = Field(default=1, ge=1)
+    #: The listener RabbitMQ calls to admit devices (auth_backend_http); never expose it.
+    api_internal_host: str = "127.0.0.1"
+    api_internal_port: int = Field(default=8001, ge=1, le=65535)
     #: Seconds to wait for the broker to confirm an HTTP heartbeat before answering 503.
     api_confirm_timeout_s: float = Field(default=5.0, gt=0)
     operator_token: str = ""
+
+    @model_validator(mode="after")
+    def _listeners_differ(self) -> ApiSettings:
+        if self.api_port == self.api_internal_port:
+            raise ValueError("GATEWAY_API_PORT and GATEWAY_API_INTERNAL_PORT must differ")
+        return self
 
     @model_validator(mode="after")
     def _operator_token_is_safe(self) -> ApiSettings:
@@ -84,3 +94,18 @@ class ApiSettings(CommonSettings):
                 # operator endpoints are never open by accident.
                 self.operator_token = secrets.token_urlsafe(32)
         return self
+
+
+S = TypeVar("S", bound=CommonSettings)
+
+
+def load(cls: type[S]) -> S:
+    """Build settings at startup; on a bad value, exit with a message naming the variable."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            name = "GATEWAY_" + str(error["loc"][0]).upper() if error["loc"] else "settings"
+            problems.append(f"  {name}: {error['msg'].removeprefix('Value error, ')}")
+        sys.exit("invalid settings:\n" + "\n".join(problems))

@@ -45,6 +45,8 @@ class DeviceState(BaseModel):
     reported_status: DeviceStatus | None = None
     reported_status_at: datetime | None = None
     version: int
+    enabled: bool = True
+    registered_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> DeviceState:

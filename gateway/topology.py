@@ -85,10 +85,18 @@ async def declare(channel: aio_pika.abc.AbstractChannel) -> None:
         await queues[binding.queue].bind(exchanges[binding.exchange], binding.routing_key)
 
 
-#: The service account bridge, worker and api use (change its password in production:
-#: `rabbitmqctl change_password gateway ...`, then set GATEWAY_AMQP_URL).
+#: The operators' account (administrator: management UI, `rabbitmqctl`, tests).
 SERVICE_USER = "gateway"
 SERVICE_PASSWORD = "gateway"
+#: One account per service, allowed only the gateway's own exchanges and queues. Development
+#: passwords (the account name): change them in production with `rabbitmqctl change_password`
+#: and set each service's GATEWAY_AMQP_URL.
+SERVICE_ACCOUNTS = ("gateway-bridge", "gateway-worker", "gateway-api")
+SERVICE_PERMISSIONS = {
+    "configure": r"^gateway\..*",
+    "write": r"^gateway\..*",
+    "read": r"^(gateway\..*|amq\.topic)$",
+}
 
 
 def password_hash(password: str, salt: bytes) -> str:
@@ -105,20 +113,22 @@ def definitions(vhost: str = "/") -> dict[str, Any]:
         "vhosts": [{"name": vhost}],
         "users": [
             {
-                "name": SERVICE_USER,
-                "password_hash": password_hash(SERVICE_PASSWORD, b"gw01"),
+                "name": name,
+                "password_hash": password_hash(password, name.encode()[-4:]),
                 "hashing_algorithm": "rabbit_password_hashing_sha256",
-                "tags": ["administrator"],
+                "tags": tags,
             }
+            for name, password, tags in [
+                (SERVICE_USER, SERVICE_PASSWORD, ["administrator"]),
+                *((account, account, []) for account in SERVICE_ACCOUNTS),
+            ]
         ],
         "permissions": [
-            {
-                "user": SERVICE_USER,
-                "vhost": vhost,
-                "configure": ".*",
-                "write": ".*",
-                "read": ".*",
-            }
+            {"user": SERVICE_USER, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"},
+            *(
+                {"user": account, "vhost": vhost, **SERVICE_PERMISSIONS}
+                for account in SERVICE_ACCOUNTS
+            ),
         ],
         "exchanges": [
             {

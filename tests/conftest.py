@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
 import redis
 from sqlalchemy import Engine
-from support import unavailable, unique
+from support import Device, unavailable, unique
 
 from gateway.db import make_engine
 from gateway.localstack import LocalStack, StackError
@@ -84,6 +85,24 @@ def vhost(stack: LocalStack) -> Iterator[str]:
     url = f"{base}/{urllib.parse.quote(name, safe='')}"
     yield url
     stack.management("DELETE", f"/api/vhosts/{name}")
+
+
+@pytest.fixture
+def register(api: httpx.Client) -> Callable[..., Device]:
+    """Register a device through the API (as an operator would) and return its credentials."""
+
+    def make(prefix: str = "dev", **fields: Any) -> Device:
+        device_id = unique(prefix)
+        response = api.post("/api/v1/devices", json={"device_id": device_id, **fields})
+        assert response.status_code == 201, response.text
+        return Device(device_id, response.json()["token"])
+
+    return make
+
+
+@pytest.fixture
+def device(register: Callable[..., Device]) -> Device:
+    return register()
 
 
 @pytest.fixture

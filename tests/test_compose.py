@@ -77,7 +77,8 @@ RABBITMQ_MOUNTS = {
     "rabbitmq/enabled_plugins": "/etc/rabbitmq/enabled_plugins",
     "rabbitmq/definitions.json": "/etc/rabbitmq/definitions.json",
 }
-#: rabbitmq.conf keys the local stack may set differently: its own ports, loopback, file paths.
+#: rabbitmq.conf keys the local stack may set differently: its own ports, loopback, file paths,
+#: and where its api's internal listener is.
 LOCAL_STACK_OVERRIDES = frozenset(
     {
         "listeners.tcp.default",
@@ -87,6 +88,10 @@ LOCAL_STACK_OVERRIDES = frozenset(
         "prometheus.tcp.ip",
         "prometheus.tcp.port",
         "load_definitions",
+        "auth_http.user_path",
+        "auth_http.vhost_path",
+        "auth_http.resource_path",
+        "auth_http.topic_path",
     }
 )
 
@@ -450,3 +455,14 @@ def test_dockerignore_keeps_local_state_out_but_not_the_sources() -> None:
         assert excluded in patterns, f".dockerignore must exclude {excluded}"
     for needed in ("pyproject.toml", "README.md", "gateway", "bridge", "worker", "api"):
         assert needed not in patterns, f".dockerignore excludes {needed}, which the build needs"
+
+
+def test_rabbitmq_asks_the_api_internal_listener(services: dict[str, Any]) -> None:
+    shared = conf_lines((ROOT / "rabbitmq" / "rabbitmq.conf").read_text())
+    api_env = services["api"]["environment"]
+    port = api_env["GATEWAY_API_INTERNAL_PORT"]
+    for check in ("user", "vhost", "resource", "topic"):
+        line = shared[f"auth_http.{check}_path"]
+        assert line.endswith(f"http://api:{port}/internal/rabbitmq/{check}"), line
+    published = {str(p).split(":")[-1] for p in services["api"].get("ports", [])}
+    assert port not in published, "the internal listener must never be published"

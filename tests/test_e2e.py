@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
-from support import poll, unavailable, unique
+from support import Device, poll, unavailable
 
 from gateway.localstack import LocalStack
 
@@ -41,14 +41,15 @@ def history(api: httpx.Client, device: str) -> list[dict]:
     return response.json()["items"] if response.status_code == 200 else []
 
 
-def paho_publish(stack: LocalStack, topic: str, payload: bytes, qos: int = 1) -> None:
+def paho_publish(stack: LocalStack, device: Device, topic: str, payload: bytes) -> None:
     client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=unique("paho"), protocol=mqtt.MQTTv311
+        mqtt.CallbackAPIVersion.VERSION2, client_id=device.device_id, protocol=mqtt.MQTTv311
     )
+    client.username_pw_set(device.device_id, device.token)
     client.connect("127.0.0.1", stack.ports.mqtt, keepalive=30)
     client.loop_start()
     try:
-        info = client.publish(topic, payload, qos=qos)
+        info = client.publish(topic, payload, qos=1)
         info.wait_for_publish(timeout=10)
         assert info.is_published(), "no PUBACK from the broker"
     finally:
@@ -56,80 +57,82 @@ def paho_publish(stack: LocalStack, topic: str, payload: bytes, qos: int = 1) ->
         client.loop_stop()
 
 
-def mosquitto_pub(stack: LocalStack, topic: str, message: str) -> None:
+def mosquitto_pub(stack: LocalStack, device: Device, kind: str, message: str) -> None:
+    """The README's command line, with the device's credentials."""
     if shutil.which("mosquitto_pub") is None:
         unavailable("mosquitto_pub is missing (apt-get install mosquitto-clients)")
     command = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(stack.ports.mqtt), "-q", "1"]
+    credentials = ["-u", device.device_id, "-P", device.token]
     subprocess.run(
-        [*command, "-t", topic, "-m", message],
+        [*command, *credentials, "-t", f"devices/{device.device_id}/{kind}", "-m", message],
         check=True,
         timeout=20,
     )
 
 
-def test_paho_qos1_heartbeat_is_visible_through_the_api(apps: LocalStack, api) -> None:
-    device = unique("paho")
-    paho_publish(apps, f"devices/{device}/heartbeat", b'{"seq": 1, "cpu": 12.5, "msg_id": "p1"}')
-    state = poll(lambda: device_state(api, device), what=f"{device} in the API")
+def post(stack: LocalStack, device: Device, **kwargs) -> httpx.Response:
+    return httpx.post(
+        f"{stack.api_url}/api/v1/devices/{device.device_id}/heartbeats",
+        headers={**device.auth, **kwargs.pop("headers", {})},
+        **kwargs,
+    )
+
+
+def test_paho_qos1_heartbeat_is_visible_through_the_api(apps, api, device: Device) -> None:
+    d = device.device_id
+    paho_publish(apps, device, f"devices/{d}/heartbeat", b'{"seq": 1, "cpu": 12.5, "msg_id": "p1"}')
+    state = poll(lambda: (s := device_state(api, d)) and s["last_seen"] and s, what="last_seen")
     assert state["status"] == "online"
     assert state["metrics"] == {"cpu": 12.5}
     assert state["latest_heartbeat"]["seq"] == 1
-    assert state["last_seen"] is not None
-    stored = poll(lambda: history(api, device), what="stored heartbeat")
+    stored = poll(lambda: history(api, d), what="stored heartbeat")
     assert [(h["msg_id"], h["source"], h["metrics"]) for h in stored] == [
         ("p1", "mqtt", {"cpu": 12.5})
     ]
 
 
-def test_mosquitto_pub_heartbeat_is_visible_through_the_api(apps: LocalStack, api) -> None:
-    device = unique("sensor")
-    mosquitto_pub(apps, f"devices/{device}/heartbeat", '{"seq":1,"cpu":12.5}')
-    state = poll(lambda: device_state(api, device), what=f"{device} in the API")
+def test_mosquitto_pub_heartbeat_is_visible_through_the_api(apps, api, device: Device) -> None:
+    assert device_state(api, device.device_id)["status"] == "never_seen"
+    mosquitto_pub(apps, device, "heartbeat", '{"seq":1,"cpu":12.5}')
+    state = poll(lambda: seen(api, device), what=f"{device.device_id} seen")
     assert state["status"] == "online"
     assert state["metrics"] == {"cpu": 12.5}
-    assert len(poll(lambda: history(api, device), what="stored heartbeat")) == 1
+    assert len(poll(lambda: history(api, device.device_id), what="stored heartbeat")) == 1
 
 
-def test_http_heartbeat_is_accepted_then_visible(apps: LocalStack, api) -> None:
-    device = unique("legacy")
-    response = httpx.post(
-        f"{apps.api_url}/api/v1/devices/{device}/heartbeats",
-        json={"ts": "2026-11-29T10:00:00Z", "seq": 4, "metrics": {"temp_c": 48.2}},
+def test_http_heartbeat_is_accepted_then_visible(apps, api, device: Device) -> None:
+    response = post(
+        apps, device, json={"ts": "2026-11-29T10:00:00Z", "seq": 4, "metrics": {"temp_c": 48.2}}
     )
     assert response.status_code == 202, response.text
     heartbeat_id = response.json()["id"]
-    state = poll(lambda: device_state(api, device), what=f"{device} in the API")
+    state = poll(lambda: seen(api, device), what=f"{device.device_id} seen")
     assert state["latest_heartbeat"]["id"] == heartbeat_id
     assert state["latest_heartbeat"]["ts"] == "2026-11-29T10:00:00Z"
     assert state["metrics"] == {"temp_c": 48.2}
-    assert [h["id"] for h in history(api, device)] == [heartbeat_id]
+    assert [h["id"] for h in history(api, device.device_id)] == [heartbeat_id]
 
 
-def test_empty_body_and_seed_shape(apps: LocalStack, api) -> None:
-    device = unique("seed")
-    mosquitto_pub(apps, f"devices/{device}/heartbeat", json.dumps(SEED_SHAPE))
-    assert httpx.post(f"{apps.api_url}/api/v1/devices/{device}/heartbeats").status_code == 202
-    stored = poll(lambda: len(history(api, device)) == 2 and history(api, device), what="2 rows")
+def test_empty_body_and_seed_shape(apps, api, device: Device) -> None:
+    mosquitto_pub(apps, device, "heartbeat", json.dumps(SEED_SHAPE))
+    assert post(apps, device).status_code == 202
+    d = device.device_id
+    stored = poll(lambda: len(history(api, d)) == 2 and history(api, d), what="2 rows")
     assert sorted((h["metrics"] for h in stored), key=len) == [{}, SEED_SHAPE]
 
 
 def test_bad_payload_is_a_dead_letter_and_the_next_good_one_is_stored(
-    apps: LocalStack, api
+    apps, api, device: Device
 ) -> None:
-    device = unique("flaky")
-    mosquitto_pub(apps, f"devices/{device}/heartbeat", '{"cpu": NaN}')
-    mosquitto_pub(apps, f"devices/{device}/heartbeat", '{"seq": 2, "cpu": 1}')
-
-    def dead_letters() -> list[dict]:
-        return api.get("/api/v1/rejected", params={"device_id": device}).json()["items"]
-
-    dead = poll(dead_letters, what="the dead letter")
+    mosquitto_pub(apps, device, "heartbeat", '{"cpu": NaN}')
+    mosquitto_pub(apps, device, "heartbeat", '{"seq": 2, "cpu": 1}')
+    dead = poll(lambda: dead_letters(api, device), what="the dead letter")
     assert [(d["reason"], d["source"], d["payload"]) for d in dead] == [
         ("non_finite_number", "mqtt", '{"cpu": NaN}')
     ]
-    assert dead[0]["topic"] == f"devices/{device}/heartbeat"
+    assert dead[0]["topic"] == f"devices/{device.device_id}/heartbeat"
     assert "NaN" in dead[0]["detail"]
-    stored = poll(lambda: history(api, device), what="the good heartbeat")
+    stored = poll(lambda: history(api, device.device_id), what="the good heartbeat")
     assert [h["seq"] for h in stored] == [2]
 
 
@@ -144,36 +147,27 @@ def test_bad_payload_is_a_dead_letter_and_the_next_good_one_is_stored(
     ],
 )
 def test_http_bad_input_gets_a_specific_4xx(
-    apps: LocalStack, api, body: bytes, status: int, words: str
+    apps, api, device: Device, body: bytes, status: int, words: str
 ) -> None:
-    device = unique("bad")
-    response = httpx.post(
-        f"{apps.api_url}/api/v1/devices/{device}/heartbeats",
-        content=body,
-        headers={"Content-Type": "application/json"},
-    )
+    response = post(apps, device, content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == status, response.text
     assert words in response.json()["detail"]
-    dead = poll(
-        lambda: api.get("/api/v1/rejected", params={"device_id": device}).json()["items"],
-        what="the HTTP dead letter",
-    )
+    dead = poll(lambda: dead_letters(api, device), what="the HTTP dead letter")
     assert dead[0]["source"] == "http"
 
 
-def test_bad_device_id_over_http(apps: LocalStack) -> None:
+def test_bad_device_id_over_http(apps) -> None:
     response = httpx.post(f"{apps.api_url}/api/v1/devices/{'x' * 65}/heartbeats", json={})
     assert response.status_code == 422
     assert "device id" in response.json()["detail"]
 
 
-def test_status_message_and_fleet(apps: LocalStack, api) -> None:
-    device = unique("will")
-    mosquitto_pub(apps, f"devices/{device}/heartbeat", "")
-    poll(lambda: device_state(api, device), what="device seen")
-    mosquitto_pub(apps, f"devices/{device}/status", "offline")
+def test_status_message_and_fleet(apps, api, device: Device) -> None:
+    mosquitto_pub(apps, device, "heartbeat", "")
+    poll(lambda: seen(api, device), what="device seen")
+    mosquitto_pub(apps, device, "status", "offline")
     state = poll(
-        lambda: (s := device_state(api, device)) and s["status"] == "offline" and s,
+        lambda: (s := device_state(api, device.device_id)) and s["status"] == "offline" and s,
         what="offline after its status message",
     )
     assert state["reported_status"] == "offline"
@@ -182,33 +176,32 @@ def test_status_message_and_fleet(apps: LocalStack, api) -> None:
     assert fleet["total"] == fleet["online"] + fleet["offline"] + fleet["never_seen"]
 
 
-def test_operator_endpoints_need_the_operator_token(apps: LocalStack) -> None:
+def test_operator_endpoints_need_the_operator_token(apps, device: Device) -> None:
     for path in ("/api/v1/devices", "/api/v1/devices/x", "/api/v1/rejected", "/api/v1/fleet"):
         assert httpx.get(apps.api_url + path).status_code == 401
         wrong = httpx.get(apps.api_url + path, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401
         assert "token" in wrong.json()["detail"]
+        # A device token is not an operator token.
+        assert httpx.get(apps.api_url + path, headers=device.auth).status_code == 401
 
 
-def test_device_list_pages_with_a_cursor(apps: LocalStack, api) -> None:
-    prefix = unique("page")
-    for i in range(3):
-        mosquitto_pub(apps, f"devices/{prefix}-{i}/heartbeat", "{}")
-    poll(lambda: device_state(api, f"{prefix}-2"), what="last device")
-    seen, cursor = [], None
+def test_device_list_pages_with_a_cursor(api, register) -> None:
+    devices = [register("page").device_id for _ in range(3)]
+    seen_ids, cursor = [], None
     while True:
         params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
         page = api.get("/api/v1/devices", params=params).json()
-        seen += [d["device_id"] for d in page["items"]]
+        seen_ids += [d["device_id"] for d in page["items"]]
         cursor = page["next_cursor"]
         if cursor is None:
             break
-    assert [f"{prefix}-{i}" for i in range(3)] == [d for d in seen if d.startswith(prefix)]
-    assert seen == sorted(seen) and len(seen) == len(set(seen))
+    assert set(devices) <= set(seen_ids)
+    assert seen_ids == sorted(seen_ids) and len(seen_ids) == len(set(seen_ids))
     assert api.get("/api/v1/devices", params={"cursor": "garbage"}).status_code == 400
 
 
-def test_health_endpoints(apps: LocalStack) -> None:
+def test_health_endpoints(apps) -> None:
     for port in (apps.ports.api, apps.ports.bridge_health, apps.ports.worker_health):
         ready = httpx.get(f"http://127.0.0.1:{port}/readyz")
         assert ready.status_code == 200, ready.text
@@ -217,9 +210,14 @@ def test_health_endpoints(apps: LocalStack) -> None:
         assert "gateway_" in metrics
 
 
-def test_readme_device_example_runs(apps: LocalStack, api) -> None:
-    device = unique("example")
-    env = {"DEVICE_ID": device, "MQTT_PORT": str(apps.ports.mqtt), "COUNT": "3", "INTERVAL": "0"}
+def test_readme_device_example_runs(apps, api, device: Device) -> None:
+    env = {
+        "DEVICE_ID": device.device_id,
+        "DEVICE_TOKEN": device.token,
+        "MQTT_PORT": str(apps.ports.mqtt),
+        "COUNT": "3",
+        "INTERVAL": "0",
+    }
     subprocess.run(
         [sys.executable, "examples/paho_device.py"],
         env={**os.environ, **env},
@@ -227,11 +225,21 @@ def test_readme_device_example_runs(apps: LocalStack, api) -> None:
         timeout=30,
         cwd=Path(__file__).parent.parent,
     )
-    stored = poll(lambda: len(history(api, device)) == 3 and history(api, device), what="3 rows")
+    d = device.device_id
+    stored = poll(lambda: len(history(api, d)) == 3 and history(api, d), what="3 rows")
     assert sorted(h["seq"] for h in stored) == [0, 1, 2]
     # The script ends without DISCONNECT, so the broker publishes its Last Will.
     state = poll(
-        lambda: (s := device_state(api, device)) and s["reported_status"] == "offline" and s,
+        lambda: (s := device_state(api, d)) and s["reported_status"] == "offline" and s,
         what="the Last Will",
     )
     assert state["status"] == "offline"
+
+
+def seen(api: httpx.Client, device: Device) -> dict | None:
+    state = device_state(api, device.device_id)
+    return state if state and state["last_seen"] else None
+
+
+def dead_letters(api: httpx.Client, device: Device) -> list[dict]:
+    return api.get("/api/v1/rejected", params={"device_id": device.device_id}).json()["items"]

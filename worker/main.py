@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 
 from gateway import service
-from gateway.settings import WorkerSettings
+from gateway.settings import WorkerSettings, load
 from worker.service import Worker
 
 
 def main() -> int:
-    settings = WorkerSettings()
+    settings = load(WorkerSettings)
     return service.run("worker", settings, Worker(settings).serve)
 
 
