@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import broker_auth, ingest, operators
 from api.context import Context
@@ -24,6 +25,32 @@ from gateway.db import make_engine
 from gateway.settings import ApiSettings
 
 log = logging.getLogger(__name__)
+
+
+class RequestId:
+    """Give every request an id (the client's X-Request-ID, or a new one): on every log line
+    written while it is handled, and in the response. Plain ASGI, so it costs next to nothing."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")[:64]
+        rid = given or uuid.uuid4().hex[:16]
+        token = logs.request_id.set(rid)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            logs.request_id.reset(token)
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -57,16 +84,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(operators.router)
     app.include_router(broker_auth.router)
 
-    @app.middleware("http")
-    async def request_id(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        token = logs.request_id.set(rid[:64])
-        try:
-            response = await call_next(request)
-        finally:
-            logs.request_id.reset(token)
-        response.headers["X-Request-ID"] = rid[:64]
-        return response
+    app.add_middleware(RequestId)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -81,18 +81,9 @@ async def user(request: Request, ctx: Annotated[Context, Depends(context)]) -> P
 
 
 @router.post("/vhost", dependencies=router_dependencies)
-async def vhost(request: Request, ctx: Annotated[Context, Depends(context)]) -> PlainTextResponse:
-    async def check(form: dict[str, str]) -> bool:
-        if not access.vhost_allowed(form["username"], form.get("vhost", "")):
-            return False
-
-        def run() -> bool:
-            with ctx.engine.connect() as conn:
-                return registry.is_active(conn, form["username"])
-
-        return await asyncio.to_thread(run)
-
-    return await _decide(request, check)
+async def vhost(request: Request) -> PlainTextResponse:
+    # RabbitMQ asks this only after `user` admitted the device (registered, enabled, token).
+    return await _decide(request, lambda f: access.vhost_allowed(f["username"], f.get("vhost", "")))
 
 
 @router.post("/resource", dependencies=router_dependencies)

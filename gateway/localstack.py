@@ -72,6 +72,7 @@ class Ports:
 
 DEV_PORTS = Ports(5673, 1884, 15673, 15693, 25673, 5433, 6380, 8000, 8001, 8010, 8011)
 TEST_PORTS = Ports(5773, 1984, 15773, 15793, 25773, 5533, 6480, 8100, 8101, 8110, 8111)
+BENCH_PORTS = Ports(5873, 2084, 15873, 15893, 25873, 5633, 6580, 8200, 8201, 8210, 8211)
 
 
 @dataclass
@@ -97,6 +98,8 @@ class LocalStack:
     root: Path = PROJECT_ROOT
     #: Extra GATEWAY_* variables for the app processes.
     app_env: dict[str, str] = field(default_factory=dict)
+    #: rabbitmq.conf lines this stack sets differently (benchmarks compare configurations).
+    rabbitmq_overrides: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def dev(cls) -> LocalStack:
@@ -105,6 +108,10 @@ class LocalStack:
     @classmethod
     def test(cls) -> LocalStack:
         return cls("test", TEST_PORTS)
+
+    @classmethod
+    def bench(cls) -> LocalStack:
+        return cls("bench", BENCH_PORTS)
 
     # ---- layout ---------------------------------------------------------------------------
 
@@ -304,6 +311,7 @@ class LocalStack:
                 )
                 for check in ("user", "vhost", "resource", "topic")
             },
+            **self.rabbitmq_overrides,
         }
         return apply_overrides(shared, overrides)
 

@@ -173,13 +173,3 @@ def identify(conn: Connection, token: str) -> Identity | None:
         )
     ).first()
     return Identity(row.device_id, row.enabled) if row else None
-
-
-def is_active(conn: Connection, device_id: str) -> bool:
-    return bool(
-        conn.scalar(
-            select(devices.c.enabled).where(
-                devices.c.device_id == device_id, devices.c.registered_at.is_not(None)
-            )
-        )
-    )
