@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import urllib.parse
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,13 +17,11 @@ import httpx
 import pytest
 import redis
 from sqlalchemy import Engine
-from support import Device, unavailable, unique
+from support import OPERATOR_TOKEN, Device, unavailable, unique
 
 from gateway.db import make_engine
 from gateway.localstack import LocalStack, StackError
 from gateway.topology import SERVICE_USER
-
-OPERATOR_TOKEN = "test-operator-token-" + uuid.uuid4().hex
 
 
 @pytest.fixture(scope="session")

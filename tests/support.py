@@ -15,6 +15,7 @@ import pytest
 
 T = TypeVar("T")
 IN_CI = os.environ.get("CI", "").lower() == "true"
+OPERATOR_TOKEN = "test-operator-token-" + uuid.uuid4().hex
 
 
 @dataclass(frozen=True)
