@@ -21,7 +21,7 @@ from api import broker_auth, ingest, operators
 from api.context import Context
 from gateway import logs
 from gateway.broker import Publisher, connect
-from gateway.db import make_engine
+from gateway.db import is_transient, make_engine
 from gateway.settings import ApiSettings
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,17 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(broker_auth.router)
 
     app.add_middleware(RequestId)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def database_unavailable(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        if not is_transient(exc):
+            raise exc
+        log.warning("database error on %s: %s", request.url.path, str(exc).splitlines()[0])
+        return JSONResponse(
+            {"detail": "the database is unavailable; nothing was changed, retry later"},
+            status_code=503,
+            headers={"Retry-After": "2"},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aio_pika.abc
 import redis
@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 
 from gateway.broker import Publisher
 from gateway.settings import ApiSettings
+from gateway.state import Breaker
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ class Context:
     redis: redis.Redis
     connection: aio_pika.abc.AbstractRobustConnection
     publisher: Publisher
+    redis_breaker: Breaker = field(default_factory=Breaker)
 
 
 def context(request: Request) -> Context:

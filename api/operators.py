@@ -103,14 +103,16 @@ def _registry_errors() -> Iterator[None]:
 
 
 def _mirror(ctx: Context, device: state.DeviceState) -> None:
-    """Registry changes reach the Redis read path at once (best effort: the worker repairs)."""
+    """Registry changes reach the Redis read path at once (best effort: when Redis is down,
+    the worker rebuilds the mirror from PostgreSQL once it is back)."""
+    if not ctx.redis_breaker.allow():
+        return
     try:
         state.mirror(ctx.redis, [device])
     except redis.RedisError as exc:
         metrics.REDIS_ERRORS.labels("api").inc()
+        ctx.redis_breaker.failed()
         log.warning("Redis unavailable, device %s not mirrored: %s", device.device_id, exc)
-        with contextlib.suppress(redis.RedisError):
-            ctx.redis.delete(state.redis_key(device.device_id))
 
 
 @router.get("/devices/{device_id}", summary="One device: status, last seen, latest heartbeat")
@@ -126,12 +128,17 @@ def get_device(device_id: str, ctx: Ctx) -> DeviceView:
 
 def _cached_state(ctx: Context, device_id: str) -> state.DeviceState | None:
     """Redis first; PostgreSQL answers (slower) when Redis is down or has no copy."""
+    if not ctx.redis_breaker.allow():
+        return None
     try:
-        return state.read(ctx.redis, device_id)
+        cached = state.read(ctx.redis, device_id)
     except redis.RedisError as exc:
         metrics.REDIS_ERRORS.labels("api").inc()
+        ctx.redis_breaker.failed()
         log.warning("Redis unavailable, reading from PostgreSQL: %s", exc)
         return None
+    ctx.redis_breaker.succeeded()
+    return cached
 
 
 @router.get("/devices/{device_id}/heartbeats", summary="A device's stored heartbeats, newest first")

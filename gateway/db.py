@@ -7,6 +7,8 @@ from importlib.resources import files
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
@@ -30,3 +32,22 @@ def alembic_config(url: str) -> Config:
 def migrate(url: str, revision: str = "head") -> None:
     """Bring the database schema to `revision` (idempotent)."""
     command.upgrade(alembic_config(url), revision)
+
+
+#: SQLSTATE classes that say "not now" rather than "not this": connection exception,
+#: insufficient resources, operator intervention (shutdown), transaction rollback (deadlock).
+TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "53", "57", "40"})
+
+
+def is_transient(exc: SQLAlchemyError) -> bool:
+    """A lost connection or a database that is down: retry later, don't blame the message."""
+    if isinstance(exc, PoolTimeout):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False  # e.g. a value the driver cannot send: the message is at fault
+    if exc.connection_invalidated:
+        return True
+    code = getattr(exc.orig, "pgcode", None)
+    if code:
+        return code[:2] in TRANSIENT_SQLSTATE_CLASSES
+    return isinstance(exc, OperationalError | InterfaceError)  # no SQLSTATE: server unreachable

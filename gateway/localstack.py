@@ -100,6 +100,7 @@ class LocalStack:
     app_env: dict[str, str] = field(default_factory=dict)
     #: rabbitmq.conf lines this stack sets differently (benchmarks compare configurations).
     rabbitmq_overrides: dict[str, str] = field(default_factory=dict)
+    _processes: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
 
     @classmethod
     def dev(cls) -> LocalStack:
@@ -124,6 +125,8 @@ class LocalStack:
         return self.run_dir / "logs"
 
     def component(self, name: str) -> Component:
+        """`rabbitmq`, `postgres`, `redis`, or an app: `bridge`, `worker`, `api`, and extra
+        instances such as `worker-2`."""
         signatures = {
             "rabbitmq": str(self.run_dir / "rabbitmq" / "home"),
             "postgres": "postgres",
@@ -132,13 +135,24 @@ class LocalStack:
             "worker": "gateway-worker",
             "api": "gateway-api",
         }
+        kind = name.split("-", 1)[0]
         if name == "postgres":
             pid_file = self.run_dir / "postgres" / "data" / "postmaster.pid"
             log_file = self.run_dir / "postgres" / "postgres.log"
         else:
             pid_file = self.run_dir / f"{name}.pid"
             log_file = self.log_dir / f"{name}.log"
-        return Component(name, pid_file, log_file, signatures[name])
+        return Component(name, pid_file, log_file, signatures[kind])
+
+    def health_port(self, name: str) -> int:
+        """Where app `name` answers /readyz; extra instances take the base port + 20 x (n - 1)."""
+        kind, _, instance = name.partition("-")
+        base = {
+            "api": self.ports.api,
+            "bridge": self.ports.bridge_health,
+            "worker": self.ports.worker_health,
+        }[kind]
+        return base + 20 * (int(instance) - 1) if instance else base
 
     @property
     def amqp_url(self) -> str:
@@ -179,7 +193,7 @@ class LocalStack:
             path.chmod(0o600)
         return path.read_text().strip()
 
-    def env(self, app: str) -> dict[str, str]:
+    def env(self, app: str, *, health_port: int | None = None) -> dict[str, str]:
         """The environment of app `app` (bridge, worker, api): the user's GATEWAY_* settings,
         then this stack's connections, with the app's own broker account."""
         account = f"gateway-{app}"
@@ -198,6 +212,8 @@ class LocalStack:
             GATEWAY_OPERATOR_TOKEN=self.operator_token(),
             GATEWAY_LOG_FORMAT=os.environ.get("GATEWAY_LOG_FORMAT", "text"),
         )
+        if health_port is not None and app in ("bridge", "worker"):
+            env[f"GATEWAY_{app.upper()}_HEALTH_PORT"] = str(health_port)
         env.update(self.app_env)
         return env
 
@@ -221,7 +237,12 @@ class LocalStack:
 
     def down(self, *, echo: bool = True) -> None:
         """Stop everything this stack started, apps first (idempotent)."""
-        for name in ("api", "bridge", "worker"):
+        extra = sorted(
+            p.stem
+            for kind in ("api", "bridge", "worker")
+            for p in self.run_dir.glob(f"{kind}-*.pid")
+        )
+        for name in ("api", "bridge", "worker", *extra):
             self.stop_app(name)
         self.stop_redis()
         self.stop_postgres()
@@ -529,14 +550,15 @@ class LocalStack:
         pid = component.pid()
         if pid:
             return pid
-        executable = Path(sys.executable).parent / f"gateway-{name}"
+        kind = name.split("-", 1)[0]
+        executable = Path(sys.executable).parent / f"gateway-{kind}"
         if not executable.exists():
             raise StackError(f"{executable} is missing: run `make install` (pip install -e .)")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with component.log_file.open("ab") as log:
             process = subprocess.Popen(
                 [str(executable)],
-                env=env or self.env(name),
+                env=env or self.env(kind, health_port=self.health_port(name)),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -544,7 +566,18 @@ class LocalStack:
                 cwd=self.root,
             )
         component.pid_file.write_text(f"{process.pid}\n")
+        self._processes[name] = process
         return process.pid
+
+    def wait_exit(self, name: str, timeout: float) -> int | None:
+        """The exit code of app `name` if this object started it and it exits within `timeout`."""
+        process = self._processes.get(name)
+        if process is None:
+            return None
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
     def stop_app(self, name: str, timeout: float = 15) -> None:
         component = self.component(name)
@@ -554,11 +587,7 @@ class LocalStack:
         component.pid_file.unlink(missing_ok=True)
 
     def app_ready(self, name: str) -> bool:
-        port = {
-            "api": self.ports.api,
-            "bridge": self.ports.bridge_health,
-            "worker": self.ports.worker_health,
-        }[name]
+        port = self.health_port(name)
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
                 return r.status == 200

@@ -6,6 +6,7 @@ and versioned, so a late writer never overwrites newer state.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
@@ -17,6 +18,9 @@ from gateway.messages import DeviceStatus, utcnow
 from gateway.payload import MetricValue
 
 KEY_PREFIX = "gateway:device:"
+#: Set once the mirror was rebuilt from PostgreSQL; a Redis that restarted (it keeps nothing on
+#: disk) comes back without it, and the worker rebuilds.
+REBUILT_KEY = "gateway:state:rebuilt"
 
 #: Write `state` only if `version` is newer than the stored one.
 _SET_IF_NEWER = """
@@ -88,3 +92,44 @@ def read(redis_client: Any, device_id: str) -> DeviceState | None:
     """The mirrored state of one device, or None when Redis does not have it."""
     raw = redis_client.hget(redis_key(device_id), "state")
     return DeviceState.model_validate_json(raw) if raw is not None else None
+
+
+def rebuild(redis_client: Any, pages: Iterable[list[DeviceState]]) -> int:
+    """Copy every device's state from PostgreSQL (in pages) and mark the mirror as rebuilt.
+
+    Versioned writes make this safe beside live updates: a newer state is never overwritten.
+    """
+    count = 0
+    for page in pages:
+        mirror(redis_client, page)
+        count += len(page)
+    redis_client.set(REBUILT_KEY, str(time.time()))
+    return count
+
+
+def is_rebuilt(redis_client: Any) -> bool:
+    return bool(redis_client.exists(REBUILT_KEY))
+
+
+class Breaker:
+    """Skips Redis for a while after it failed, so a cache that is down costs one timeout now
+    and then instead of one per request or batch. The wait doubles while it stays down."""
+
+    def __init__(self, cooldown_s: float = 1.0, max_cooldown_s: float = 15.0) -> None:
+        self._base = cooldown_s
+        self._max = max_cooldown_s
+        self._cooldown = cooldown_s
+        self._open_until = 0.0
+        self.failures = 0
+
+    def allow(self) -> bool:
+        return time.monotonic() >= self._open_until
+
+    def failed(self) -> None:
+        self.failures += 1
+        self._open_until = time.monotonic() + self._cooldown
+        self._cooldown = min(self._cooldown * 2, self._max)
+
+    def succeeded(self) -> None:
+        self._cooldown = self._base
+        self._open_until = 0.0

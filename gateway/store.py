@@ -7,7 +7,7 @@ redelivered message or a retried heartbeat is stored once; device state moves on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, case, func, select
@@ -177,6 +177,21 @@ def write_rejections(conn: Connection, rejections: Sequence[Rejection]) -> int:
     return len(conn.execute(stmt, rows).all())
 
 
-def load_states(conn: Connection, device_ids: Sequence[str]) -> list[DeviceState]:
-    rows = conn.execute(select(devices).where(devices.c.device_id.in_(device_ids))).mappings()
-    return [DeviceState.from_row(r) for r in rows]
+def iter_states(conn: Connection, page_size: int = 5000) -> Iterator[list[DeviceState]]:
+    """Every device's state, in pages by device id (keyset, so each page costs the same)."""
+    after = ""
+    while True:
+        rows = (
+            conn.execute(
+                select(devices)
+                .where(devices.c.device_id > after)
+                .order_by(devices.c.device_id)
+                .limit(page_size)
+            )
+            .mappings()
+            .all()
+        )
+        if not rows:
+            return
+        yield [DeviceState.from_row(r) for r in rows]
+        after = rows[-1]["device_id"]

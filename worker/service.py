@@ -14,12 +14,11 @@ import aio_pika.abc
 import redis
 from pydantic import ValidationError
 from sqlalchemy import Engine, text
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import metrics, state, store, topology
 from gateway.broker import Publisher, PublishFailed, connect
-from gateway.db import make_engine
+from gateway.db import is_transient, make_engine
 from gateway.errors import InputError, Reason
 from gateway.health import HealthServer
 from gateway.messages import Heartbeat, Rejection, Source, StatusReport, decode_work, utcnow
@@ -29,27 +28,8 @@ from worker.batcher import Batcher, Message
 
 log = logging.getLogger(__name__)
 
-#: Devices whose Redis copy could not be written; beyond this many, Redis is rebuilt in full.
-MAX_DIRTY = 100_000
-
-
-#: SQLSTATE classes that say "not now" rather than "not this": connection exception,
-#: insufficient resources, operator intervention (shutdown), transaction rollback (deadlock).
-TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "53", "57", "40"})
-
-
-def is_transient(exc: SQLAlchemyError) -> bool:
-    """A lost connection or a database that is down: retry later, don't blame the message."""
-    if isinstance(exc, PoolTimeout):
-        return True
-    if not isinstance(exc, DBAPIError):
-        return False  # e.g. a value the driver cannot send: the message is at fault
-    if exc.connection_invalidated:
-        return True
-    code = getattr(exc.orig, "pgcode", None)
-    if code:
-        return code[:2] in TRANSIENT_SQLSTATE_CLASSES
-    return isinstance(exc, OperationalError | InterfaceError)  # no SQLSTATE: server unreachable
+#: Writes of one message the database refuses before it becomes a dead letter.
+MAX_ATTEMPTS = 3
 
 
 class Worker:
@@ -61,7 +41,10 @@ class Worker:
         )
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._publisher: Publisher | None = None
-        self._dirty: set[str] = set()
+        self.breaker = state.Breaker()
+        #: Rebuild the mirror before the next write: at start when Redis lacks it, and after
+        #: Redis was unreachable (writes were skipped meanwhile).
+        self._needs_rebuild = True
         self._stopping = asyncio.Event()
 
     # ---- heartbeats and status reports ----------------------------------------------------
@@ -103,23 +86,17 @@ class Worker:
         items: Sequence[Heartbeat | StatusReport],
         invalid: list[Rejection],
     ) -> store.BatchResult | None:
-        """Write the batch; on a bad row, write messages one by one and dead-letter the bad."""
+        """Write the batch. When the database refuses it, write the messages one by one, each
+        at most `MAX_ATTEMPTS` times, and dead-letter the ones it keeps refusing: a bad message
+        costs one dead letter, never a loop or a blocked queue."""
         try:
             result = await self._retry_transient(lambda: self._write(items))
         except SQLAlchemyError as exc:
             metrics.STORE_ERRORS.labels("batch").inc()
-            log.warning("batch of %d failed (%s); isolating the bad messages", len(items), exc)
+            log.warning("batch of %d refused (%s); isolating the bad", len(items), _short(exc))
             result = store.BatchResult()
             for item in items:
-                try:
-                    one = await self._retry_transient(lambda item=item: self._write([item]))
-                except SQLAlchemyError as exc:
-                    raw = item.model_dump_json().encode()
-                    error = InputError(Reason.UNSTORABLE, _short(exc))
-                    invalid.append(
-                        Rejection.of(error, raw, Source.WORK_QUEUE, device_id=item.device_id)
-                    )
-                    continue
+                one = await self._write_one(item, invalid)
                 if one is None:
                     return None
                 result.inserted += one.inserted
@@ -131,6 +108,26 @@ class Worker:
             if not await self._dead_letter(rejection):
                 return None
         return result
+
+    async def _write_one(
+        self, item: Heartbeat | StatusReport, invalid: list[Rejection]
+    ) -> store.BatchResult | None:
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                return await self._retry_transient(lambda: self._write([item]))
+            except SQLAlchemyError as exc:
+                if attempt < MAX_ATTEMPTS:
+                    await asyncio.sleep(0.1 * attempt)
+                    continue
+                error = InputError(
+                    Reason.UNSTORABLE,
+                    f"refused {MAX_ATTEMPTS} times by the database: {_short(exc)}",
+                )
+                raw = item.model_dump_json().encode()
+                invalid.append(
+                    Rejection.of(error, raw, Source.WORK_QUEUE, device_id=item.device_id)
+                )
+        return store.BatchResult()
 
     def _write(self, items: Sequence[Heartbeat | StatusReport]) -> store.BatchResult:
         beats = [i for i in items if isinstance(i, Heartbeat)]
@@ -148,21 +145,31 @@ class Worker:
         return result
 
     def _mirror(self, states: list[state.DeviceState]) -> None:
-        """Copy committed state to Redis; remember what failed and repair it later."""
+        """Copy committed state to Redis. While Redis is down it is skipped (PostgreSQL holds
+        the truth); once it answers again, the whole mirror is rebuilt from PostgreSQL."""
+        if not self.breaker.allow():
+            return
         try:
-            if self._dirty:
-                dirty = list(self._dirty)
-                with self.engine.connect() as conn:
-                    states = [*states, *store.load_states(conn, dirty)]
+            if self._needs_rebuild:
+                self._rebuild()
             state.mirror(self.redis, states)
-            if self._dirty:
-                log.info("Redis is back: repaired the state of %d devices", len(self._dirty))
-            self._dirty.clear()
+            self.breaker.succeeded()
         except (redis.RedisError, SQLAlchemyError) as exc:
             metrics.REDIS_ERRORS.labels("worker").inc()
-            if len(self._dirty) < MAX_DIRTY:
-                self._dirty.update(s.device_id for s in states)
-            log.warning("Redis mirror failed (%s); %d devices to repair", exc, len(self._dirty))
+            self.breaker.failed()
+            self._needs_rebuild = True
+            log.warning("Redis mirror skipped (%s); it is rebuilt once Redis is back", _short(exc))
+
+    def _rebuild(self) -> None:
+        started = time.perf_counter()
+        with self.engine.connect() as conn:
+            count = state.rebuild(self.redis, store.iter_states(conn))
+        self._needs_rebuild = False
+        log.info(
+            "rebuilt the Redis mirror of %d devices in %.1f s",
+            count,
+            time.perf_counter() - started,
+        )
 
     async def _retry_transient(self, write):
         """Run `write` in a thread; retry while the database is unreachable, until stopping."""
@@ -245,6 +252,8 @@ class Worker:
         )
         await health.start()
         self._connection = await connect(str(s.amqp_url), name="gateway-worker")
+        with contextlib.suppress(redis.RedisError):
+            self._needs_rebuild = not await asyncio.to_thread(state.is_rebuilt, self.redis)
         try:
             self._publisher = await Publisher.open(self._connection, timeout=10)
             work = Batcher(
