@@ -7,6 +7,7 @@ RabbitMQ calls to admit devices. One app, two sockets: a request knows which one
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 
@@ -41,6 +42,10 @@ def main() -> int:
         listen(settings.api_host, settings.api_port),
         listen(settings.api_internal_host, settings.api_internal_port),
     ]
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler
+    # that was there before it: make that a clean exit, so a stop is not reported as a crash.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
     if settings.api_workers > 1:
         Multiprocess(config, sockets=sockets).run()
     else:

@@ -11,7 +11,7 @@ import aio_pika.abc
 
 from bridge.convert import Forward, Ignore, Reject, convert
 from gateway import metrics, topology
-from gateway.broker import Publisher, PublishFailed, connect
+from gateway.broker import Publisher, PublishFailed, ack, connect, requeue
 from gateway.health import HealthServer
 from gateway.messages import Source
 from gateway.service import InFlight
@@ -58,10 +58,9 @@ class Bridge:
                 metrics.PUBLISH_FAILURES.labels("bridge").inc()
                 log.warning("not forwarded, will be redelivered: %s", exc)
                 await asyncio.sleep(PUBLISH_RETRY_DELAY_S)  # no hot loop while the broker refuses
-                if not message.channel.is_closed:
-                    await message.nack(requeue=True)
+                await requeue(message)
                 return
-            await message.ack()
+            await ack(message)
 
     async def ready(self) -> dict[str, bool]:
         connected = self._connection is not None and not self._connection.is_closed
@@ -78,8 +77,7 @@ class Bridge:
             )
             channel = await self._connection.channel()
             await channel.set_qos(prefetch_count=s.bridge_prefetch)
-            await topology.declare(channel)
-            inbox = await channel.get_queue(topology.MQTT_INBOX_QUEUE, ensure=False)
+            inbox = (await topology.declare(channel))[topology.MQTT_INBOX_QUEUE]
             tag = await inbox.consume(self.handle)
             log.info("bridge consuming %s (prefetch %d)", inbox.name, s.bridge_prefetch)
             await self._report_until(stop)

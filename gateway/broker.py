@@ -8,7 +8,7 @@ import random
 
 import aio_pika
 import aio_pika.abc
-from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pamqp.commands import Basic
 
 from gateway import topology
@@ -29,7 +29,7 @@ async def connect(
     for attempt in range(1, attempts + 1):
         try:
             return await aio_pika.connect_robust(
-                url, client_properties={"connection_name": name}, timeout=10
+                url, client_properties={"connection_name": name}, timeout=10, reconnect_interval=1
             )
         except (TimeoutError, OSError, AMQPError) as exc:
             if attempt == attempts:
@@ -105,7 +105,8 @@ class Publisher:
             confirmation = await exchange.publish(
                 message, routing_key, mandatory=True, timeout=self._timeout
             )
-        except (TimeoutError, DeliveryError, PublishError, AMQPError, OSError) as exc:
+        except (AMQPError, ChannelInvalidStateError, RuntimeError, TimeoutError, OSError) as exc:
+            # RuntimeError: aio-pika's "connection closed" while the broker is away.
             raise PublishFailed(f"broker did not confirm the message: {exc!r}") from exc
         if not isinstance(confirmation, Basic.Ack):
             raise PublishFailed(f"broker did not acknowledge the message: {confirmation!r}")
@@ -113,3 +114,22 @@ class Publisher:
     @property
     def is_open(self) -> bool:
         return not self._channel.is_closed
+
+
+async def ack(message: aio_pika.abc.AbstractIncomingMessage) -> bool:
+    """Ack; False when the message's channel is gone (the broker redelivers it then, and every
+    write downstream is idempotent)."""
+    try:
+        await message.ack()
+    except (AMQPError, ChannelInvalidStateError, RuntimeError, OSError):
+        return False
+    return True
+
+
+async def requeue(message: aio_pika.abc.AbstractIncomingMessage) -> bool:
+    """Nack with requeue; False when the channel is gone (the broker requeues it anyway)."""
+    try:
+        await message.nack(requeue=True)
+    except (AMQPError, ChannelInvalidStateError, RuntimeError, OSError):
+        return False
+    return True

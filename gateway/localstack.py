@@ -706,13 +706,21 @@ def _chown_for_postgres(base: Path) -> None:
 
 
 def _alive(pid: int, signature: str) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    state = stat.rsplit(")", 1)[-1].split()[0]
-    return state != "Z" and signature in cmdline
+    """Is `pid` running, and is it ours (its command line contains `signature`)?"""
+    for _ in range(20):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+            return False
+        if cmdline:
+            return signature in cmdline.replace(b"\0", b" ").decode(errors="replace")
+        # The kernel answers an empty command line while the process's memory is busy (a
+        # Python process starting up): ask again rather than call it gone.
+        time.sleep(0.01)
+    return True
 
 
 def _terminate(pid: int, signature: str, timeout: float) -> None:

@@ -115,7 +115,7 @@ class Breaker:
     """Skips Redis for a while after it failed, so a cache that is down costs one timeout now
     and then instead of one per request or batch. The wait doubles while it stays down."""
 
-    def __init__(self, cooldown_s: float = 1.0, max_cooldown_s: float = 15.0) -> None:
+    def __init__(self, cooldown_s: float = 0.5, max_cooldown_s: float = 5.0) -> None:
         self._base = cooldown_s
         self._max = max_cooldown_s
         self._cooldown = cooldown_s

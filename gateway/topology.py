@@ -69,8 +69,14 @@ def work_routing_key(device_id: str) -> str:
     return f"heartbeat.{device_id}"
 
 
-async def declare(channel: aio_pika.abc.AbstractChannel) -> None:
-    """Declare the whole topology on `channel` (safe to repeat)."""
+async def declare(
+    channel: aio_pika.abc.AbstractChannel,
+) -> dict[str, aio_pika.abc.AbstractQueue]:
+    """Declare the whole topology on `channel` (safe to repeat); returns the queues by name.
+
+    Consume from these objects: a robust channel restores the queues declared through it, and
+    their consumers, after it reconnects (a queue fetched with `get_queue` would be forgotten).
+    """
     exchanges = {MQTT_EXCHANGE: await channel.get_exchange(MQTT_EXCHANGE, ensure=False)}
     for exchange in EXCHANGES:
         exchanges[exchange.name] = await channel.declare_exchange(
@@ -83,6 +89,7 @@ async def declare(channel: aio_pika.abc.AbstractChannel) -> None:
         )
     for binding in BINDINGS:
         await queues[binding.queue].bind(exchanges[binding.exchange], binding.routing_key)
+    return queues
 
 
 #: The operators' account (administrator: management UI, `rabbitmqctl`, tests).

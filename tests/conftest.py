@@ -8,7 +8,9 @@ skips these tests locally, with the reason, and fails them under CI=true.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -110,3 +112,28 @@ def api(apps: LocalStack) -> Iterator[httpx.Client]:
         timeout=10,
     ) as client:
         yield client
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """The fault report: one row per injected fault, from this run."""
+    report = LocalStack.test().run_dir / "fault-report.json"
+    if not report.exists() or report.stat().st_mtime < config._gateway_started:
+        return
+    rows = json.loads(report.read_text())
+    write = terminalreporter.write_line
+    terminalreporter.section("fault report")
+    write(
+        f"{'fault':<30} {'sent':>6} {'acked':>6} {'stored':>6} {'dupl.':>6} {'lost':>5} "
+        f"{'recovery s':>10}"
+    )
+    for r in rows:
+        write(
+            f"{r['fault']:<30} {r['sent']:>6} {r['acked']:>6} {r['stored']:>6} "
+            f"{r['duplicates']:>6} {r['lost']:>5} {r['recovery_s']:>10}"
+        )
+
+
+def pytest_configure(config) -> None:
+    config._gateway_started = time.time()
+    report = LocalStack.test().run_dir / "fault-report.json"
+    report.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import random
+import threading
 import time
 from collections.abc import Sequence
 
@@ -17,7 +18,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import metrics, state, store, topology
-from gateway.broker import Publisher, PublishFailed, connect
+from gateway.broker import Publisher, PublishFailed, ack, connect
 from gateway.db import is_transient, make_engine
 from gateway.errors import InputError, Reason
 from gateway.health import HealthServer
@@ -45,6 +46,7 @@ class Worker:
         #: Rebuild the mirror before the next write: at start when Redis lacks it, and after
         #: Redis was unreachable (writes were skipped meanwhile).
         self._needs_rebuild = True
+        self._mirror_lock = threading.Lock()
         self._stopping = asyncio.Event()
 
     # ---- heartbeats and status reports ----------------------------------------------------
@@ -67,7 +69,7 @@ class Worker:
         if result is None:
             return  # shutting down with the database away: unacked messages are redelivered
         for message in messages:
-            await _ack(message)
+            await ack(message)
         elapsed = time.perf_counter() - started
         metrics.BATCH_SIZE.observe(len(messages))
         metrics.BATCH_SECONDS.observe(elapsed)
@@ -147,18 +149,29 @@ class Worker:
     def _mirror(self, states: list[state.DeviceState]) -> None:
         """Copy committed state to Redis. While Redis is down it is skipped (PostgreSQL holds
         the truth); once it answers again, the whole mirror is rebuilt from PostgreSQL."""
-        if not self.breaker.allow():
-            return
-        try:
-            if self._needs_rebuild:
-                self._rebuild()
-            state.mirror(self.redis, states)
-            self.breaker.succeeded()
-        except (redis.RedisError, SQLAlchemyError) as exc:
-            metrics.REDIS_ERRORS.labels("worker").inc()
-            self.breaker.failed()
-            self._needs_rebuild = True
-            log.warning("Redis mirror skipped (%s); it is rebuilt once Redis is back", _short(exc))
+        with self._mirror_lock:
+            if not self.breaker.allow():
+                self._needs_rebuild = True
+                return
+            try:
+                if self._needs_rebuild:
+                    self._rebuild()
+                if states:
+                    state.mirror(self.redis, states)
+                self.breaker.succeeded()
+            except (redis.RedisError, SQLAlchemyError) as exc:
+                metrics.REDIS_ERRORS.labels("worker").inc()
+                self.breaker.failed()
+                self._needs_rebuild = True
+                log.warning("Redis mirror skipped (%s); rebuilt once Redis is back", _short(exc))
+
+    async def _keep_mirror(self, stop: asyncio.Event, every_s: float = 1.0) -> None:
+        """Rebuild the mirror as soon as Redis is back, even when no batch comes to do it."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every_s)
+            if self._needs_rebuild and self.breaker.allow():
+                await asyncio.to_thread(self._mirror, [])
 
     def _rebuild(self) -> None:
         started = time.perf_counter()
@@ -219,7 +232,7 @@ class Worker:
             return
         metrics.DEAD_LETTERS_STORED.inc(added)
         for message in messages:
-            await _ack(message)
+            await ack(message)
         log.info("stored %d dead letters", added)
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -267,13 +280,13 @@ class Worker:
             ):
                 channel = await self._connection.channel()
                 await channel.set_qos(prefetch_count=prefetch)
-                await topology.declare(channel)
-                queue = await channel.get_queue(queue_name, ensure=False)
+                queue = (await topology.declare(channel))[queue_name]
                 consumers.append((queue, await queue.consume(batcher.add)))
                 log.info("worker consuming %s (prefetch %d)", queue_name, prefetch)
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(work.run(self._stopping), name="batches:heartbeats")
                 tasks.create_task(dead.run(self._stopping), name="batches:rejected")
+                tasks.create_task(self._keep_mirror(self._stopping), name="redis:mirror")
                 await stop.wait()
                 log.info("stopping: no new messages; flushing %d", work.pending + dead.pending)
                 for queue, tag in consumers:
@@ -284,12 +297,6 @@ class Worker:
             await health.close()
             self.engine.dispose()
             self.redis.close()
-
-
-async def _ack(message: Message) -> None:
-    if message.channel.is_closed:
-        return  # its channel is gone: the broker redelivers it, and the write is idempotent
-    await message.ack()
 
 
 def _claimed_device(message: Message) -> str | None:
