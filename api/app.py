@@ -11,8 +11,9 @@ from contextlib import asynccontextmanager
 import redis
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,9 +23,16 @@ from api.context import Context
 from gateway import logs
 from gateway.broker import Publisher, connect
 from gateway.db import is_transient, make_engine
+from gateway.errors import InputError
 from gateway.settings import ApiSettings
+from gateway.topics import validate_device_id
 
 log = logging.getLogger(__name__)
+
+
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, bool]
 
 
 class RequestId:
@@ -101,15 +109,27 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
         for error in exc.errors()[:5]:
-            loc = ".".join(str(p) for p in error.get("loc", ()) if p not in ("query", "path"))
-            problems.append(f"{loc}: {error.get('msg', 'invalid')}")
+            loc = tuple(error.get("loc", ()))
+            if loc == ("path", "device_id"):
+                try:  # the same message MQTT dead letters carry
+                    validate_device_id(str(error.get("input", "")))
+                except InputError as bad:
+                    problems.append(bad.detail)
+                    continue
+            name = ".".join(str(p) for p in loc if p not in ("query", "path", "body"))
+            problems.append(f"{name}: {error.get('msg', 'invalid')}" if name else error["msg"])
         return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
 
     @app.get("/healthz", tags=["health"], summary="The process is up")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], summary="Broker and database reachable (Redis optional)")
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        summary="Broker and database reachable (Redis reported, optional)",
+        responses={200: {"model": Readiness}, 503: {"model": Readiness}},
+    )
     async def readyz(request: Request) -> JSONResponse:
         ctx: Context = request.app.state.context
 
@@ -138,7 +158,13 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         ready = checks["rabbitmq"] and checks["postgres"]
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
     async def prometheus() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 

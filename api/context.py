@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated
 
 import aio_pika.abc
 import redis
-from fastapi import Request
+from fastapi import Path, Request
+from pydantic import AfterValidator
 from sqlalchemy import Engine
 
 from gateway.broker import Publisher
 from gateway.settings import ApiSettings
 from gateway.state import Breaker
+from gateway.topics import DEVICE_ID_PATTERN, DEVICE_ID_RULE
 
 log = logging.getLogger(__name__)
 
@@ -29,3 +33,24 @@ class Context:
 
 def context(request: Request) -> Context:
     return request.app.state.context
+
+
+#: A device id in a path, validated (and documented) by its grammar.
+DevicePath = Annotated[
+    str, Path(pattern=DEVICE_ID_PATTERN, description=f"device id: {DEVICE_ID_RULE}")
+]
+
+
+def _utc(value: datetime) -> datetime:
+    """Query times as UTC (naive ones are taken as UTC), within what PostgreSQL can compare."""
+    try:
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("time is out of range") from None
+    if not 1 <= value.year <= 9999:
+        raise ValueError("time is out of range")
+    return value
+
+
+#: A time in a query (`since`, `until`), normalized to UTC.
+QueryTime = Annotated[datetime | None, AfterValidator(lambda v: None if v is None else _utc(v))]

@@ -10,13 +10,13 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
-from api.context import Context, context
+from api.context import Context, DevicePath, context
+from api.responses import errors
 from gateway import metrics, registry
 from gateway.broker import PublishFailed
 from gateway.errors import InputError, Reason
 from gateway.messages import Heartbeat, Rejection, Source, utcnow
 from gateway.payload import MAX_PAYLOAD_BYTES, HeartbeatPayload, parse_payload
-from gateway.topics import validate_device_id
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["devices"])
@@ -66,14 +66,7 @@ def with_content_type_hint(request: Request, error: InputError) -> InputError:
     "/devices/{device_id}/heartbeats",
     status_code=status.HTTP_202_ACCEPTED,
     summary="Send a heartbeat over HTTP",
-    responses={
-        401: {"description": "Missing or invalid device token"},
-        403: {"description": "The token is another device's, or the device is disabled"},
-        413: {"description": "Payload over 16 KiB"},
-        415: {"description": "Not JSON"},
-        422: {"description": "Invalid payload or device id; `detail` names the problem"},
-        503: {"description": "Broker unreachable: nothing was accepted, retry"},
-    },
+    responses=errors(401, 403, 413, 415, 422, 503),
     openapi_extra={
         "requestBody": {
             "required": False,
@@ -82,7 +75,7 @@ def with_content_type_hint(request: Request, error: InputError) -> InputError:
     },
 )
 async def post_heartbeat(
-    device_id: str,
+    device_id: DevicePath,
     request: Request,
     ctx: Annotated[Context, Depends(context)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(device_bearer)],
@@ -90,10 +83,6 @@ async def post_heartbeat(
     """Answers 202 only once the broker has confirmed the heartbeat on a durable queue."""
     received_at = utcnow()
     body = b""
-    try:
-        validate_device_id(device_id)
-    except InputError as error:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, error.detail) from None
     await authenticate_device(ctx, device_id, credentials)
     try:
         body = await read_body(request)

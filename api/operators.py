@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from datetime import datetime
 from typing import Annotated
 
 import redis
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 
 from api.auth import Operator
-from api.context import Context, context
+from api.context import Context, DevicePath, QueryTime, context
+from api.responses import errors
 from gateway import metrics, queries, registry, state
 from gateway.messages import DeviceStatus, utcnow
 from gateway.queries import (
@@ -25,7 +25,12 @@ from gateway.queries import (
 )
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/api/v1", tags=["operators"], dependencies=[Operator])
+router = APIRouter(
+    prefix="/api/v1",
+    tags=["operators"],
+    dependencies=[Operator],
+    responses=errors(401, 422, 503),
+)
 
 Ctx = Annotated[Context, Depends(context)]
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size, at most {MAX_PAGE}")]
@@ -36,7 +41,7 @@ def _bad_cursor(exc: queries.BadCursor) -> HTTPException:
     return HTTPException(status.HTTP_400_BAD_REQUEST, str(exc))
 
 
-@router.get("/devices", summary="List devices (optionally by status)")
+@router.get("/devices", summary="List devices (optionally by status)", responses=errors(400))
 def list_devices(
     ctx: Ctx,
     status_: Annotated[DeviceStatus | None, Query(alias="status")] = None,
@@ -60,7 +65,7 @@ def list_devices(
     "/devices",
     status_code=status.HTTP_201_CREATED,
     summary="Register a device; answers its token, this once",
-    responses={409: {"description": "Already registered"}},
+    responses=errors(409),
 )
 def register_device(registration: registry.Registration, ctx: Ctx) -> registry.IssuedToken:
     with _registry_errors(), ctx.engine.begin() as conn:
@@ -73,8 +78,9 @@ def register_device(registration: registry.Registration, ctx: Ctx) -> registry.I
 @router.post(
     "/devices/{device_id}/token",
     summary="Rotate a device's token: the old one stops working at once",
+    responses=errors(404),
 )
-def rotate_token(device_id: str, ctx: Ctx) -> registry.IssuedToken:
+def rotate_token(device_id: DevicePath, ctx: Ctx) -> registry.IssuedToken:
     with _registry_errors(), ctx.engine.begin() as conn:
         issued, device = registry.rotate(conn, device_id)
     _mirror(ctx, device)
@@ -82,8 +88,12 @@ def rotate_token(device_id: str, ctx: Ctx) -> registry.IssuedToken:
     return issued
 
 
-@router.patch("/devices/{device_id}", summary="Change a device's interval, or enable/disable it")
-def change_device(device_id: str, changes: registry.DeviceChanges, ctx: Ctx) -> DeviceView:
+@router.patch(
+    "/devices/{device_id}",
+    summary="Change a device's interval, or enable/disable it",
+    responses=errors(404),
+)
+def change_device(device_id: DevicePath, changes: registry.DeviceChanges, ctx: Ctx) -> DeviceView:
     with _registry_errors(), ctx.engine.begin() as conn:
         device = registry.change(conn, device_id, changes)
     _mirror(ctx, device)
@@ -115,8 +125,12 @@ def _mirror(ctx: Context, device: state.DeviceState) -> None:
         log.warning("Redis unavailable, device %s not mirrored: %s", device.device_id, exc)
 
 
-@router.get("/devices/{device_id}", summary="One device: status, last seen, latest heartbeat")
-def get_device(device_id: str, ctx: Ctx) -> DeviceView:
+@router.get(
+    "/devices/{device_id}",
+    summary="One device: status, last seen, latest heartbeat",
+    responses=errors(404),
+)
+def get_device(device_id: DevicePath, ctx: Ctx) -> DeviceView:
     device = _cached_state(ctx, device_id)
     if device is None:
         with ctx.engine.connect() as conn:
@@ -141,12 +155,16 @@ def _cached_state(ctx: Context, device_id: str) -> state.DeviceState | None:
     return cached
 
 
-@router.get("/devices/{device_id}/heartbeats", summary="A device's stored heartbeats, newest first")
+@router.get(
+    "/devices/{device_id}/heartbeats",
+    summary="A device's stored heartbeats, newest first",
+    responses=errors(400, 404),
+)
 def list_heartbeats(
-    device_id: str,
+    device_id: DevicePath,
     ctx: Ctx,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: QueryTime = None,
+    until: QueryTime = None,
     limit: Limit = 100,
     cursor: Cursor = None,
 ) -> Page[HeartbeatRecord]:
@@ -167,13 +185,17 @@ def fleet(ctx: Ctx) -> FleetCounts:
         return queries.fleet_counts(conn, offline_factor=ctx.settings.offline_factor)
 
 
-@router.get("/rejected", summary="Dead letters: refused input with the reason, newest first")
+@router.get(
+    "/rejected",
+    summary="Dead letters: refused input with the reason, newest first",
+    responses=errors(400),
+)
 def list_rejected(
     ctx: Ctx,
     device_id: str | None = None,
     reason: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: QueryTime = None,
+    until: QueryTime = None,
     limit: Limit = 100,
     cursor: Cursor = None,
 ) -> Page[RejectedRecord]:

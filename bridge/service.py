@@ -9,9 +9,9 @@ import time
 
 import aio_pika.abc
 
-from bridge.convert import Forward, Ignore, Reject, convert
 from gateway import metrics, topology
 from gateway.broker import Publisher, PublishFailed, ack, connect, requeue
+from gateway.convert import Forward, Ignore, Reject, convert
 from gateway.health import HealthServer
 from gateway.messages import Source
 from gateway.service import InFlight

@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     ):
         device_commands.add_parser(action, help=text).add_argument("device_id")
 
+    from gateway.rejected_cli import add_arguments as rejected_arguments
+
+    rejected_arguments(
+        commands.add_parser("rejected", help="list and replay dead letters (GATEWAY_DATABASE_URL)")
+    )
+
     commands.add_parser("migrate", help="apply database migrations (GATEWAY_DATABASE_URL)")
     commands.add_parser("definitions", help="print rabbitmq/definitions.json from the topology")
 
@@ -75,6 +81,10 @@ def _run(args: argparse.Namespace) -> int:
         from gateway.devices_cli import run_devices
 
         return run_devices(args)
+    if args.command == "rejected":
+        from gateway.rejected_cli import run_rejected
+
+        return run_rejected(args)
     if args.command == "migrate":
         from gateway.db import migrate
         from gateway.settings import CommonSettings

@@ -26,7 +26,6 @@ CONTENT_TYPE = "application/json"
 class Source(StrEnum):
     MQTT = "mqtt"
     HTTP = "http"
-    REPLAY = "replay"
     #: Found on the work queue itself (not from a device).
     WORK_QUEUE = "work_queue"
 

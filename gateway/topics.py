@@ -15,10 +15,11 @@ from pydantic import StringConstraints
 
 from gateway.errors import InputError, Reason
 
-DEVICE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN[1:-1])
 DEVICE_ID_RULE = "1-64 characters of A-Z, a-z, 0-9, '_' and '-'"
 
-DeviceId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
 
 _MQTT_TO_AMQP = str.maketrans({"/": ".", ".": "/"})
 

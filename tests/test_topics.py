@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.convert import Forward, Ignore, Reject, convert
+from gateway.convert import Forward, Ignore, Reject, convert
 from gateway.errors import InputError, Reason
 from gateway.messages import Heartbeat, StatusReport
 from gateway.topics import Topic, TopicKind, mqtt_topic, parse_mqtt_topic, parse_routing_key

@@ -1,0 +1,28 @@
+"""Documented error responses: every route says which errors it may answer, as `{"detail"}`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class Problem(BaseModel):
+    """An error: `detail` says what is wrong, in words a person can act on."""
+
+    detail: str
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        400: "Bad request (e.g. a cursor this API did not return)",
+        401: "Missing or invalid token",
+        403: "The token may not do this",
+        404: "No such device",
+        409: "Already exists",
+        413: "Payload over 16 KiB",
+        415: "Not JSON",
+        422: "Invalid input; `detail` names the field",
+        503: "A dependency (broker or database) is unavailable; nothing was changed, retry",
+    }
+    return {code: {"model": Problem, "description": descriptions[code]} for code in codes}

@@ -1,0 +1,112 @@
+"""Property tests: arbitrary bytes and topics either parse or are refused with a reason."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.convert import Forward, Ignore, Reject, convert
+from gateway.errors import InputError, Reason
+from gateway.messages import Heartbeat, Source
+from gateway.payload import MAX_PAYLOAD_BYTES, HeartbeatPayload, parse_payload
+from gateway.topics import DEVICE_ID_RE, Topic, TopicKind, parse_routing_key
+
+SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def outcome_of(raw: bytes) -> HeartbeatPayload | InputError:
+    try:
+        return parse_payload(raw)
+    except InputError as error:
+        assert isinstance(error.reason, Reason)
+        assert error.detail and len(error.detail) < 2000
+        return error
+
+
+@SETTINGS
+@given(st.binary(max_size=MAX_PAYLOAD_BYTES + 64))
+def test_arbitrary_bytes_parse_or_are_refused(raw: bytes) -> None:
+    outcome_of(raw)
+
+
+@SETTINGS
+@given(json_values)
+def test_arbitrary_json_parses_or_is_refused(value: object) -> None:
+    result = outcome_of(json.dumps(value).encode())
+    if isinstance(result, HeartbeatPayload):
+        assert isinstance(value, dict)
+        # What parsed can be turned into a canonical message and back, unchanged.
+        beat = Heartbeat.from_payload("d-1", result, Source.HTTP)
+        assert Heartbeat.model_validate_json(beat.model_dump_json()) == beat
+
+
+metric_names = st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True).filter(
+    lambda n: n not in ("ts", "seq", "msg_id", "metrics")
+)
+metric_values = (
+    st.booleans()
+    | st.integers(min_value=-(2**63 - 1), max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=256).filter(lambda s: "\x00" not in s)
+)
+
+
+@SETTINGS
+@given(
+    seq=st.none() | st.integers(min_value=0, max_value=2**63 - 1),
+    msg_id=st.none() | st.from_regex(r"[\x21-\x7e]{1,128}", fullmatch=True),
+    metrics=st.dictionaries(metric_names, metric_values, max_size=20),
+    nested=st.booleans(),
+)
+def test_valid_payloads_parse_to_what_was_sent(seq, msg_id, metrics, nested) -> None:
+    body: dict = {"seq": seq, "msg_id": msg_id}
+    body.update({"metrics": metrics} if nested else metrics)
+    parsed = parse_payload(json.dumps(body).encode())
+    assert (parsed.seq, parsed.msg_id) == (seq, msg_id)
+    assert parsed.metrics.keys() == metrics.keys()
+    for name, value in metrics.items():
+        got = parsed.metrics[name]
+        assert got == value or (isinstance(value, float) and math.isclose(got, value))
+
+
+@SETTINGS
+@given(st.text(max_size=200))
+def test_arbitrary_routing_keys_parse_or_are_refused(key: str) -> None:
+    try:
+        topic = parse_routing_key(key)
+    except InputError as error:
+        assert error.reason in (Reason.UNKNOWN_TOPIC, Reason.INVALID_DEVICE_ID)
+        return
+    assert isinstance(topic, Topic)
+    assert DEVICE_ID_RE.fullmatch(topic.device_id)
+    assert topic.routing_key == key
+
+
+@SETTINGS
+@given(st.sampled_from(list(TopicKind)), st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True))
+def test_every_valid_topic_parses(kind: TopicKind, device_id: str) -> None:
+    assert parse_routing_key(f"devices.{device_id}.{kind}") == Topic(device_id, kind)
+
+
+@SETTINGS
+@given(st.text(max_size=120), st.binary(max_size=2048))
+def test_the_bridge_never_raises(key: str, body: bytes) -> None:
+    outcome = convert(key, body)
+    assert isinstance(outcome, Forward | Reject | Ignore)
+    if isinstance(outcome, Reject):
+        assert outcome.rejection.payload == body[: len(outcome.rejection.payload)]
