@@ -1,0 +1,158 @@
+"""Hostile input over both transports: each refused with a clear, specific reason.
+
+Payloads: oversized, deeply nested, not UTF-8, duplicate keys, huge numbers. Device ids: dots,
+wildcards, `..`, unicode, 10 KB. Over MQTT a bad payload becomes a dead letter with its reason
+(and the flow goes on); a bad device id cannot even log in. Over HTTP each gets a 4xx whose
+detail names the problem.
+"""
+
+from __future__ import annotations
+
+import random
+import urllib.parse
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+from support import Device, poll, unique
+
+from gateway.localstack import LocalStack
+from gateway.simulate import Credentials, MqttDevice, Tally
+
+pytestmark = pytest.mark.e2e
+
+PAYLOADS = {
+    "oversized": (b'{"x": "' + b"y" * 20_000 + b'"}', "too_large", 413, "limit"),
+    "deeply nested": (b'{"m": ' * 200 + b"1" + b"}" * 200, "too_deep", 422, "nested"),
+    "not UTF-8": (b'{"name": "\xff\xfe\xfa"}', "not_utf8", 415, "UTF-8"),
+    "duplicate keys": (b'{"cpu": 1, "cpu": 2}', "duplicate_key", 422, "'cpu'"),
+    "huge float": (b'{"cpu": 1e400}', "non_finite_number", 422, "finite"),
+    "huge integer": (b'{"count": 1' + b"0" * 40 + b"}", "invalid_field", 422, "64-bit"),
+    "NaN": (b'{"cpu": NaN}', "non_finite_number", 422, "NaN"),
+}
+
+BAD_IDS = {
+    "dots": "a.b",
+    "plus wildcard": "a+b",
+    "hash wildcard": "a#b",
+    "dot dot": "..",
+    "unicode": "sénsor-ü",
+    "10 KB": "x" * 10_240,
+    "slash": "a/b",
+}
+
+
+def test_bad_payloads_over_mqtt_are_dead_letters_with_their_reason(
+    apps: LocalStack, api, device: Device
+) -> None:
+    sim = MqttDevice(
+        Credentials(device.device_id, device.token),
+        "127.0.0.1",
+        apps.ports.mqtt,
+        Tally(),
+        rng=random.Random(0),
+    )
+    poll(sim.client.is_connected, what="MQTT connected")
+    try:
+        for body, *_ in PAYLOADS.values():
+            info = sim.client.publish(f"devices/{device.device_id}/heartbeat", body, qos=1)
+            info.wait_for_publish(timeout=10)
+            assert info.is_published()
+        good = sim.client.publish(
+            f"devices/{device.device_id}/heartbeat", b'{"msg_id": "after"}', qos=1
+        )
+        good.wait_for_publish(timeout=10)
+    finally:
+        sim.close()
+
+    def dead_letters() -> list[dict]:
+        items = api.get(
+            "/api/v1/rejected", params={"device_id": device.device_id, "limit": 100}
+        ).json()["items"]
+        return items if len(items) == len(PAYLOADS) else []
+
+    dead = poll(dead_letters, what=f"{len(PAYLOADS)} dead letters")
+    got = sorted((d["reason"], d["size"]) for d in dead)
+    assert got == sorted((reason, len(body)) for body, reason, *_ in PAYLOADS.values())
+    for d in dead:
+        assert d["detail"] and d["topic"] == f"devices/{device.device_id}/heartbeat"
+    stored = poll(
+        lambda: api.get(f"/api/v1/devices/{device.device_id}/heartbeats").json()["items"],
+        what="the good heartbeat after them",
+    )
+    assert [h["msg_id"] for h in stored] == ["after"]
+
+
+@pytest.mark.parametrize("case", list(PAYLOADS))
+def test_bad_payloads_over_http_get_a_specific_4xx(apps: LocalStack, device: Device, case: str):
+    body, _, status, words = PAYLOADS[case]
+    response = httpx.post(
+        f"{apps.api_url}/api/v1/devices/{device.device_id}/heartbeats",
+        content=body,
+        headers={**device.auth, "Content-Type": "application/json"},
+    )
+    assert response.status_code == status, response.text
+    assert words in response.json()["detail"]
+
+
+@pytest.mark.parametrize("case", list(BAD_IDS))
+def test_bad_device_ids_over_http(apps: LocalStack, device: Device, case: str) -> None:
+    quoted = urllib.parse.quote(BAD_IDS[case], safe="")
+    response = httpx.post(
+        f"{apps.api_url}/api/v1/devices/{quoted}/heartbeats", json={}, headers=device.auth
+    )
+    if case in ("slash", "dot dot"):  # path syntax, not a device id: no route takes it
+        assert response.status_code == 404
+        return
+    assert response.status_code == 422, response.text
+    assert "device id" in response.json()["detail"]
+    assert "1-64 characters" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("case", list(BAD_IDS))
+def test_bad_device_ids_cannot_log_in_over_mqtt(apps: LocalStack, device: Device, case: str):
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=unique("bad"), protocol=mqtt.MQTTv311
+    )
+    answers: list[mqtt.ReasonCode] = []
+    client.on_connect = lambda c, u, f, rc, p: answers.append(rc)
+    client.username_pw_set(BAD_IDS[case], device.token)
+    try:
+        client.connect("127.0.0.1", apps.ports.mqtt, keepalive=10)
+    except (OSError, ValueError):
+        return  # refused before CONNECT got anywhere
+    client.loop_start()
+    try:
+        poll(
+            lambda: answers or (not client.is_connected() and answers == [] and _closed(client)),
+            timeout=10,
+            what="CONNACK or close",
+        )
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert not answers or answers[0].is_failure, f"{case}: login accepted"
+
+
+def _closed(client: mqtt.Client) -> bool:
+    return client.socket() is None
+
+
+def test_a_device_cannot_publish_to_a_topic_with_a_bad_device_id(
+    apps: LocalStack, api, device: Device
+) -> None:
+    sim = MqttDevice(
+        Credentials(device.device_id, device.token),
+        "127.0.0.1",
+        apps.ports.mqtt,
+        Tally(),
+        rng=random.Random(0),
+    )
+    poll(sim.client.is_connected, what="MQTT connected")
+    try:
+        info = sim.client.publish("devices/a.b/heartbeat", b"{}", qos=1)
+        with pytest.raises((RuntimeError, ValueError, AssertionError)):
+            info.wait_for_publish(timeout=5)
+            assert info.is_published()
+    finally:
+        sim.close()
