@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import broker_auth, ingest, operators
 from api.context import Context
+from api.stream import StatusStream
 from gateway import logs
 from gateway.broker import Publisher, connect
 from gateway.db import is_transient, make_engine
@@ -74,9 +75,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         connection = await connect(str(settings.amqp_url), name="gateway-api")
         try:
             publisher = await Publisher.open(connection, timeout=settings.api_confirm_timeout_s)
-            app.state.context = Context(settings, engine, cache, connection, publisher)
+            stream = StatusStream(engine.url)
+            stream.start()
+            app.state.context = Context(settings, engine, cache, connection, publisher, stream)
             log.info("api ready")
             yield
+            stream.stop()
         finally:
             await connection.close()
             engine.dispose()

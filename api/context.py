@@ -13,6 +13,7 @@ from fastapi import Path, Request
 from pydantic import AfterValidator
 from sqlalchemy import Engine
 
+from api.stream import StatusStream
 from gateway.broker import Publisher
 from gateway.settings import ApiSettings
 from gateway.state import Breaker
@@ -28,6 +29,7 @@ class Context:
     redis: redis.Redis
     connection: aio_pika.abc.AbstractRobustConnection
     publisher: Publisher
+    stream: StatusStream
     redis_breaker: Breaker = field(default_factory=Breaker)
 
 

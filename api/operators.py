@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
 import redis
-from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi.responses import StreamingResponse
 
 from api.auth import Operator
 from api.context import Context, DevicePath, QueryTime, context
 from api.responses import errors
-from gateway import metrics, queries, registry, state
+from api.stream import OVERFLOW
+from gateway import liveness, metrics, quality, queries, registry, state
+from gateway.liveness import StatusEvent
 from gateway.messages import DeviceStatus, utcnow
 from gateway.queries import (
     MAX_PAGE,
     DeviceView,
-    FleetCounts,
+    Fleet,
     HeartbeatRecord,
     Page,
     RejectedRecord,
@@ -33,6 +37,7 @@ router = APIRouter(
 )
 
 Ctx = Annotated[Context, Depends(context)]
+KEEPALIVE_S = 15.0
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size, at most {MAX_PAGE}")]
 Cursor = Annotated[str | None, Query(description="next_cursor from the previous page")]
 
@@ -52,7 +57,6 @@ def list_devices(
         with ctx.engine.connect() as conn:
             return queries.list_devices(
                 conn,
-                offline_factor=ctx.settings.offline_factor,
                 status=status_,
                 limit=limit,
                 cursor=cursor,
@@ -95,9 +99,11 @@ def rotate_token(device_id: DevicePath, ctx: Ctx) -> registry.IssuedToken:
 )
 def change_device(device_id: DevicePath, changes: registry.DeviceChanges, ctx: Ctx) -> DeviceView:
     with _registry_errors(), ctx.engine.begin() as conn:
-        device = registry.change(conn, device_id, changes)
+        device = registry.change(
+            conn, device_id, changes, offline_factor=ctx.settings.offline_factor
+        )
     _mirror(ctx, device)
-    return DeviceView.of(device, ctx.settings.offline_factor, utcnow())
+    return DeviceView.of(device, utcnow())
 
 
 @contextlib.contextmanager
@@ -131,13 +137,16 @@ def _mirror(ctx: Context, device: state.DeviceState) -> None:
     responses=errors(404),
 )
 def get_device(device_id: DevicePath, ctx: Ctx) -> DeviceView:
+    """State from Redis (PostgreSQL when Redis is down), link quality over the last hour."""
+    now = utcnow()
     device = _cached_state(ctx, device_id)
-    if device is None:
-        with ctx.engine.connect() as conn:
+    with ctx.engine.connect() as conn:
+        if device is None:
             device = queries.get_device(conn, device_id)
-    if device is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
-    return DeviceView.of(device, ctx.settings.offline_factor, utcnow())
+        if device is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+        link = quality.link_quality(conn, device_id, now) if device.last_seen else None
+    return DeviceView.of(device, now, link)
 
 
 def _cached_state(ctx: Context, device_id: str) -> state.DeviceState | None:
@@ -179,10 +188,65 @@ def list_heartbeats(
         raise _bad_cursor(exc) from None
 
 
-@router.get("/fleet", summary="Counts of devices by status")
-def fleet(ctx: Ctx) -> FleetCounts:
+@router.get("/fleet", summary="Counts by status, and the devices that went offline last")
+def fleet(ctx: Ctx, recent: Annotated[int, Query(ge=0, le=100)] = 10) -> Fleet:
     with ctx.engine.connect() as conn:
-        return queries.fleet_counts(conn, offline_factor=ctx.settings.offline_factor)
+        return queries.fleet_counts(conn, recent=recent)
+
+
+@router.get(
+    "/devices/{device_id}/events",
+    summary="A device's status changes (and why), newest first",
+    responses=errors(400, 404),
+)
+def list_events(
+    device_id: DevicePath, ctx: Ctx, limit: Limit = 100, cursor: Cursor = None
+) -> Page[StatusEvent]:
+    try:
+        with ctx.engine.connect() as conn:
+            if queries.get_device(conn, device_id) is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+            return queries.list_events(conn, device_id, limit=limit, cursor=cursor)
+    except queries.BadCursor as exc:
+        raise _bad_cursor(exc) from None
+
+
+@router.get(
+    "/events/stream",
+    summary="Status changes as they happen (Server-Sent Events)",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def stream_events(request: Request, ctx: Ctx) -> StreamingResponse:
+    """`event: status` with the change as JSON (`device_id`, `from_status`, `to_status`, `at`,
+    `reason`) for every change, a comment every 15 s to keep the connection open, and
+    `event: overflow` before closing a client that fell more than 1,000 changes behind."""
+    queue = ctx.stream.subscribe()
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            yield "retry: 2000\n: connected\n\n"
+            while not await request.is_disconnected():
+                try:
+                    item = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                except TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if item is None:
+                    return
+                if item is OVERFLOW:
+                    yield "event: overflow\ndata: {}\n\n"
+                    return
+                event = liveness.decode(item)
+                yield f"id: {event.id}\nevent: status\ndata: {item}\n\n"
+        finally:
+            ctx.stream.unsubscribe(queue)
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.get(

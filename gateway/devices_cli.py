@@ -73,9 +73,7 @@ def _list(engine, settings: CommonSettings) -> int:
     print(f"{'device':<32} {'status':<11} {'enabled':<8} {'interval':>8}  last seen")
     with engine.connect() as conn:
         while True:
-            page = queries.list_devices(
-                conn, offline_factor=settings.offline_factor, cursor=cursor, limit=1000
-            )
+            page = queries.list_devices(conn, cursor=cursor, limit=1000)
             for d in page.items:
                 seen = d.last_seen.isoformat(timespec="seconds") if d.last_seen else "-"
                 print(

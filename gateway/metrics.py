@@ -40,4 +40,7 @@ PUBLISH_FAILURES = Counter(
 AUTH_FAILURES = Counter(
     "gateway_auth_failures_total", "Refused device credentials", ["transport", "reason"]
 )
+STATUS_CHANGES = Counter(
+    "gateway_status_changes_total", "Device status changes", ["to_status", "reason"]
+)
 IN_FLIGHT = Gauge("gateway_in_flight_messages", "Messages taken but not yet acknowledged")

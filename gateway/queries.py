@@ -17,9 +17,11 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Connection, and_, case, func, literal, select, tuple_
 from sqlalchemy.sql import ColumnElement
 
+from gateway.liveness import StatusEvent
 from gateway.messages import DeviceStatus, show_bytes, utcnow
 from gateway.payload import MetricValue
-from gateway.schema import devices, heartbeats, rejected
+from gateway.quality import LinkQuality
+from gateway.schema import device_events, devices, heartbeats, rejected
 from gateway.state import DeviceState
 
 T = TypeVar("T")
@@ -52,13 +54,17 @@ class DeviceView(BaseModel):
     last_seen: datetime | None
     metrics: dict[str, MetricValue]
     latest_heartbeat: LatestHeartbeat | None
-    reported_status: DeviceStatus | None
-    reported_status_at: datetime | None
+    #: When the status last changed, and why: heartbeat, status_message, last_will, timeout.
+    status_changed_at: datetime | None
+    status_reason: str | None
+    #: Online until this time unless heard from (last_seen + factor x interval).
+    offline_deadline: datetime | None
     enabled: bool
     registered_at: datetime | None
+    link_quality: LinkQuality | None = None
 
     @classmethod
-    def of(cls, state: DeviceState, offline_factor: float, now: datetime) -> DeviceView:
+    def of(cls, state: DeviceState, now: datetime, link: LinkQuality | None = None) -> DeviceView:
         latest = None
         if state.last_heartbeat_id is not None and state.last_seen is not None:
             latest = LatestHeartbeat(
@@ -71,16 +77,18 @@ class DeviceView(BaseModel):
             )
         return cls(
             device_id=state.device_id,
-            status=state.status(offline_factor, now),
+            status=state.status_at(now),
             heartbeat_interval_s=state.heartbeat_interval_s,
             first_seen=state.first_seen,
             last_seen=state.last_seen,
             metrics=state.last_metrics,
             latest_heartbeat=latest,
-            reported_status=state.reported_status,
-            reported_status_at=state.reported_status_at,
+            status_changed_at=state.status_changed_at,
+            status_reason=state.status_reason,
+            offline_deadline=state.offline_deadline if state.status == "online" else None,
             enabled=state.enabled,
             registered_at=state.registered_at,
+            link_quality=link,
         )
 
 
@@ -113,11 +121,21 @@ class RejectedRecord(BaseModel):
     replayed_at: datetime | None
 
 
-class FleetCounts(BaseModel):
+class OfflineDevice(BaseModel):
+    device_id: str
+    since: datetime | None
+    reason: str | None
+    last_seen: datetime | None
+
+
+class Fleet(BaseModel):
+    """Counts by status, and the devices that went offline most recently."""
+
     total: int
     online: int
     offline: int
     never_seen: int
+    recently_offline: list[OfflineDevice]
 
 
 class BadCursor(ValueError):
@@ -150,21 +168,10 @@ def decode_cursor(cursor: str, size: int) -> list[str]:
 # ---- devices ----------------------------------------------------------------------------------
 
 
-def _status_expr(offline_factor: float, now: datetime) -> ColumnElement[str]:
-    """SQL for `DeviceState.status`, to filter lists by status in the database."""
-    deadline = devices.c.last_seen + func.make_interval(
-        0, 0, 0, 0, 0, 0, devices.c.heartbeat_interval_s * offline_factor
-    )
-    reported_offline = and_(
-        devices.c.reported_status == DeviceStatus.OFFLINE.value,
-        devices.c.reported_status_at >= devices.c.last_seen,
-    )
-    return case(
-        (devices.c.last_seen.is_(None), literal(DeviceStatus.NEVER_SEEN.value)),
-        (reported_offline, literal(DeviceStatus.OFFLINE.value)),
-        (deadline > now, literal(DeviceStatus.ONLINE.value)),
-        else_=literal(DeviceStatus.OFFLINE.value),
-    )
+def _status_expr(now: datetime) -> ColumnElement[str]:
+    """SQL for `DeviceState.status_at`, to filter lists by status in the database."""
+    expired = and_(devices.c.status == DeviceStatus.ONLINE.value, devices.c.offline_deadline <= now)
+    return case((expired, literal(DeviceStatus.OFFLINE.value)), else_=devices.c.status)
 
 
 def get_device(conn: Connection, device_id: str) -> DeviceState | None:
@@ -175,7 +182,6 @@ def get_device(conn: Connection, device_id: str) -> DeviceState | None:
 def list_devices(
     conn: Connection,
     *,
-    offline_factor: float,
     status: DeviceStatus | None = None,
     limit: int = 100,
     cursor: str | None = None,
@@ -184,24 +190,50 @@ def list_devices(
     now = now or utcnow()
     query = select(devices).order_by(devices.c.device_id).limit(limit + 1)
     if status is not None:
-        query = query.where(_status_expr(offline_factor, now) == status.value)
+        query = query.where(_status_expr(now) == status.value)
     if cursor:
         (after,) = decode_cursor(cursor, 1)
         query = query.where(devices.c.device_id > after)
     rows = [DeviceState.from_row(r) for r in conn.execute(query).mappings()]
-    page = [DeviceView.of(s, offline_factor, now) for s in rows[:limit]]
+    page = [DeviceView.of(s, now) for s in rows[:limit]]
     more = len(rows) > limit
     return Page(items=page, next_cursor=encode_cursor(page[-1].device_id) if more else None)
 
 
-def fleet_counts(
-    conn: Connection, *, offline_factor: float, now: datetime | None = None
-) -> FleetCounts:
-    status = _status_expr(offline_factor, now or utcnow()).label("status")
-    inner = select(status).subquery()
-    rows = conn.execute(select(inner.c.status, func.count()).group_by(inner.c.status)).all()
-    counts = {s.value: 0 for s in DeviceStatus} | {row[0]: row[1] for row in rows}
-    return FleetCounts(total=sum(counts.values()), **counts)
+def fleet_counts(conn: Connection, *, now: datetime | None = None, recent: int = 10) -> Fleet:
+    """Counts by status and the devices that went offline most recently, in two index-backed
+    queries (never a scan of heartbeats)."""
+    now = now or utcnow()
+    d = devices.c
+    online = and_(d.status == DeviceStatus.ONLINE.value, d.offline_deadline > now)
+    total, online_count, never_seen = conn.execute(
+        select(
+            func.count(),
+            func.count().filter(online),
+            func.count().filter(d.status == DeviceStatus.NEVER_SEEN.value),
+        )
+    ).one()
+    gone = conn.execute(
+        select(d.device_id, d.status_changed_at, d.status_reason, d.last_seen)
+        .where(d.status == DeviceStatus.OFFLINE.value)
+        .order_by(d.status_changed_at.desc().nulls_last())
+        .limit(recent)
+    ).all()
+    return Fleet(
+        total=total,
+        online=online_count,
+        offline=total - online_count - never_seen,
+        never_seen=never_seen,
+        recently_offline=[
+            OfflineDevice(
+                device_id=g.device_id,
+                since=g.status_changed_at,
+                reason=g.status_reason,
+                last_seen=g.last_seen,
+            )
+            for g in gone
+        ],
+    )
 
 
 # ---- history ----------------------------------------------------------------------------------
@@ -247,6 +279,23 @@ def list_heartbeats(
         items=items,
         next_cursor=encode_cursor(items[-1].received_at, items[-1].id) if more else None,
     )
+
+
+def list_events(
+    conn: Connection, device_id: str, *, limit: int = 100, cursor: str | None = None
+) -> Page[StatusEvent]:
+    """A device's status changes, newest first."""
+    e = device_events.c
+    query = select(device_events).where(e.device_id == device_id).order_by(e.id.desc())
+    if cursor:
+        (before,) = decode_cursor(cursor, 1)
+        if not before.isdigit():
+            raise BadCursor("cursor is not one this API returned")
+        query = query.where(e.id < int(before))
+    rows = conn.execute(query.limit(limit + 1)).mappings().all()
+    items = [StatusEvent.model_validate(dict(r)) for r in rows[:limit]]
+    more = len(rows) > limit
+    return Page(items=items, next_cursor=encode_cursor(items[-1].id) if more else None)
 
 
 # ---- dead letters -----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from pydantic import BaseModel, Field
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, case, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from gateway.credentials import new_token, token_hash, token_matches
@@ -143,12 +143,29 @@ def rotate(conn: Connection, device_id: str) -> tuple[IssuedToken, DeviceState]:
     return issued, state
 
 
-def change(conn: Connection, device_id: str, changes: DeviceChanges) -> DeviceState:
+def change(
+    conn: Connection, device_id: str, changes: DeviceChanges, *, offline_factor: float = 3.0
+) -> DeviceState:
+    """Change a device's interval or enable it; an online device's deadline follows its new
+    interval at once."""
+    values = changes.model_dump(exclude_none=True)
+    if changes.heartbeat_interval_s is not None:
+        d = devices.c
+        values["offline_deadline"] = case(
+            (
+                d.status == "online",
+                d.last_seen
+                + func.make_interval(
+                    0, 0, 0, 0, 0, 0, changes.heartbeat_interval_s * offline_factor
+                ),
+            ),
+            else_=d.offline_deadline,
+        )
     state = _returning_state(
         conn,
         update(devices)
         .where(devices.c.device_id == device_id)
-        .values(**changes.model_dump(exclude_none=True), version=devices.c.version + 1),
+        .values(**values, version=devices.c.version + 1),
     )
     if state is None:
         raise UnknownDevice(f"no device {device_id!r}")

@@ -7,6 +7,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Identity,
     Index,
     Integer,
     LargeBinary,
@@ -34,8 +35,12 @@ devices = Table(
     Column("last_device_ts", DateTime(timezone=True)),
     Column("last_metrics", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Column("last_source", Text),
-    Column("reported_status", Text),
-    Column("reported_status_at", DateTime(timezone=True)),
+    #: Liveness: the stored status, when and why it last changed, and when an online device
+    #: turns offline unless heard from (last_seen + factor x interval).
+    Column("status", Text, nullable=False, server_default=text("'never_seen'")),
+    Column("status_changed_at", DateTime(timezone=True)),
+    Column("status_reason", Text),
+    Column("offline_deadline", DateTime(timezone=True)),
     #: Bumped by every write; the Redis mirror keeps only the newest version.
     Column("version", BigInteger, nullable=False, server_default=text("1")),
     #: Credentials: the hash of the device's token (never the token), and whether it may connect.
@@ -45,6 +50,12 @@ devices = Table(
     Column("token_rotated_at", DateTime(timezone=True)),
     Index("ix_devices_last_seen", "last_seen"),
     Index("ux_devices_token_hash", "token_hash", unique=True),
+    Index(
+        "ix_devices_online_deadline",
+        "offline_deadline",
+        postgresql_where=text("status = 'online'"),
+    ),
+    Index("ix_devices_status_changed", "status", "status_changed_at"),
 )
 
 #: Every stored heartbeat. `id` is derived from (device_id, msg_id), so a retry lands once.
@@ -81,4 +92,17 @@ rejected = Table(
     Index("ix_rejected_received", "received_at", "id"),
     Index("ix_rejected_device", "device_id", "received_at"),
     Index("ix_rejected_reason", "reason", "received_at"),
+)
+
+#: Every change of a device's status, and why: timeout, last_will, heartbeat, status_message.
+device_events = Table(
+    "device_events",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("device_id", Text, nullable=False),
+    Column("from_status", Text, nullable=False),
+    Column("to_status", Text, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("reason", Text, nullable=False),
+    Index("ix_device_events_device", "device_id", "id"),
 )

@@ -53,6 +53,8 @@ class WorkerSettings(CommonSettings):
     #: How long a partial batch waits for more messages before it is written.
     worker_linger_ms: int = Field(default=50, ge=0)
     worker_prefetch: int = Field(default=1000, ge=1)
+    #: How often the sweeper looks for devices whose deadline has passed.
+    worker_sweep_period_s: float = Field(default=1.0, gt=0)
     #: Port of the worker's /healthz, /readyz and /metrics (0 = off).
     worker_health_port: int = Field(default=8011, ge=0, le=65535)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -46,8 +46,10 @@ class DeviceState(BaseModel):
     last_device_ts: datetime | None = None
     last_metrics: dict[str, MetricValue] = {}
     last_source: str | None = None
-    reported_status: DeviceStatus | None = None
-    reported_status_at: datetime | None = None
+    status: DeviceStatus = DeviceStatus.NEVER_SEEN
+    status_changed_at: datetime | None = None
+    status_reason: str | None = None
+    offline_deadline: datetime | None = None
     version: int
     enabled: bool = True
     registered_at: datetime | None = None
@@ -56,19 +58,16 @@ class DeviceState(BaseModel):
     def from_row(cls, row: Mapping[str, Any]) -> DeviceState:
         return cls.model_validate(dict(row))
 
-    def status(self, offline_factor: float, now: datetime | None = None) -> DeviceStatus:
-        """`online` while now - last_seen < factor x interval; a device's own `offline` wins
-        until it is heard from again."""
-        if self.last_seen is None:
-            return DeviceStatus.NEVER_SEEN
+    def status_at(self, now: datetime | None = None) -> DeviceStatus:
+        """The status now: the stored one, except that an online device whose deadline has
+        passed is offline even before the sweeper (at most a sweep period away) says so."""
         if (
-            self.reported_status == DeviceStatus.OFFLINE
-            and self.reported_status_at is not None
-            and self.reported_status_at >= self.last_seen
+            self.status == DeviceStatus.ONLINE
+            and self.offline_deadline is not None
+            and (now or utcnow()) >= self.offline_deadline
         ):
             return DeviceStatus.OFFLINE
-        deadline = self.last_seen + timedelta(seconds=self.heartbeat_interval_s * offline_factor)
-        return DeviceStatus.ONLINE if (now or utcnow()) < deadline else DeviceStatus.OFFLINE
+        return self.status
 
 
 def redis_key(device_id: str) -> str:

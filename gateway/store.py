@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 
-from sqlalchemy import Connection, case, func, select
+from sqlalchemy import Connection, case, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
-from gateway.messages import Heartbeat, Rejection, StatusReport
+from gateway import liveness
+from gateway.liveness import StatusEvent
+from gateway.messages import DeviceStatus, Heartbeat, Rejection, StatusReport
 from gateway.schema import devices, heartbeats, rejected
 from gateway.state import DeviceState
 
@@ -23,6 +26,7 @@ class BatchResult:
     inserted: int = 0
     duplicates: int = 0
     states: list[DeviceState] = field(default_factory=list)
+    events: list[StatusEvent] = field(default_factory=list)
 
 
 def write_batch(
@@ -31,10 +35,12 @@ def write_batch(
     statuses: Sequence[StatusReport] = (),
     *,
     default_interval_s: int = 30,
+    offline_factor: float = 3.0,
 ) -> BatchResult:
-    """Insert heartbeats (skipping ones already stored) and move device state forward.
+    """Insert heartbeats (skipping ones already stored), move device state forward, and record
+    every change of status as an event.
 
-    Runs inside the caller's transaction; nothing is visible until it commits.
+    Runs inside the caller's transaction; nothing is visible (or announced) until it commits.
     """
     result = BatchResult()
     if beats:
@@ -58,97 +64,133 @@ def write_batch(
         ]
         result.inserted = len(conn.execute(stmt, rows).all())
         result.duplicates = len(beats) - result.inserted
-    states = {}
+    before = liveness.lock_statuses(conn, [m.device_id for m in (*beats, *statuses)])
+    liveness_args = {"default_interval_s": default_interval_s, "offline_factor": offline_factor}
+    states: dict[str, DeviceState] = {}
     if beats:
-        for state in _upsert_seen(conn, beats, default_interval_s):
-            states[state.device_id] = state
-    if statuses:
-        for state in _apply_statuses(conn, statuses, default_interval_s):
-            states[state.device_id] = state
+        states.update((s.device_id, s) for s in _upsert_seen(conn, beats, **liveness_args))
+    online = [s for s in statuses if s.status == DeviceStatus.ONLINE]
+    if online:
+        states.update((s.device_id, s) for s in _upsert_seen(conn, online, **liveness_args))
+    offline = [s for s in statuses if s.status == DeviceStatus.OFFLINE]
+    if offline:
+        states.update((s.device_id, s) for s in _apply_offline(conn, offline))
     result.states = list(states.values())
+    result.events = liveness.record_changes(conn, before, result.states)
     return result
 
 
+def _latest(messages: Sequence[Heartbeat | StatusReport]) -> dict[str, Heartbeat | StatusReport]:
+    latest: dict[str, Heartbeat | StatusReport] = {}
+    for m in messages:
+        if m.device_id not in latest or m.received_at > latest[m.device_id].received_at:
+            latest[m.device_id] = m
+    return latest
+
+
 def _upsert_seen(
-    conn: Connection, beats: Sequence[Heartbeat], default_interval_s: int
+    conn: Connection,
+    seen: Sequence[Heartbeat | StatusReport],
+    *,
+    default_interval_s: int,
+    offline_factor: float,
 ) -> list[DeviceState]:
-    latest: dict[str, Heartbeat] = {}
-    first: dict[str, Heartbeat] = {}
-    for b in beats:
-        if b.device_id not in latest or b.received_at > latest[b.device_id].received_at:
-            latest[b.device_id] = b
-        if b.device_id not in first or b.received_at < first[b.device_id].received_at:
-            first[b.device_id] = b
+    """The device was heard from: by a heartbeat, or by its own `online` status message."""
+    first = {}
+    for m in seen:
+        if m.device_id not in first or m.received_at < first[m.device_id]:
+            first[m.device_id] = m.received_at
+    heard = isinstance(seen[0], Heartbeat)
+    reason = "heartbeat" if heard else "status_message"
+    rows = []
     # Sorted, so concurrent workers lock device rows in the same order (no deadlocks).
-    rows = [
-        {
+    for device_id, m in sorted(_latest(seen).items()):
+        row = {
             "device_id": device_id,
             "heartbeat_interval_s": default_interval_s,
-            "first_seen": first[device_id].received_at,
-            "last_seen": b.received_at,
-            "last_heartbeat_id": b.id,
-            "last_seq": b.seq,
-            "last_device_ts": b.device_ts,
-            "last_metrics": b.metrics,
-            "last_source": b.source.value,
+            "first_seen": first[device_id],
+            "last_seen": m.received_at,
+            "status": DeviceStatus.ONLINE.value,
+            "status_changed_at": m.received_at,
+            "status_reason": reason,
+            "offline_deadline": m.received_at
+            + timedelta(seconds=default_interval_s * offline_factor),
         }
-        for device_id, b in sorted(latest.items())
-    ]
+        if heard:
+            row |= {
+                "last_heartbeat_id": m.id,
+                "last_seq": m.seq,
+                "last_device_ts": m.device_ts,
+                "last_metrics": m.metrics,
+                "last_source": m.source.value,
+            }
+        rows.append(row)
     stmt = insert(devices)
     new = stmt.excluded
-    newer = (devices.c.last_seen.is_(None)) | (new.last_seen > devices.c.last_seen)
+    d = devices.c
+    newer = d.last_seen.is_(None) | (new.last_seen > d.last_seen)
+    # Heard from after its last change of status (a late message changes nothing).
+    revives = d.status_changed_at.is_(None) | (new.last_seen > d.status_changed_at)
+    turns_online = revives & (d.status != DeviceStatus.ONLINE.value)
+    deadline = func.greatest(d.last_seen, new.last_seen) + func.make_interval(
+        0, 0, 0, 0, 0, 0, d.heartbeat_interval_s * offline_factor
+    )
 
     def if_newer(column: str):
-        return case((newer, new[column]), else_=devices.c[column])
+        return case((newer, new[column]), else_=d[column])
 
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[devices.c.device_id],
-        set_={
-            "first_seen": func.least(devices.c.first_seen, new.first_seen),
-            "last_seen": func.greatest(devices.c.last_seen, new.last_seen),
-            "last_heartbeat_id": if_newer("last_heartbeat_id"),
-            "last_seq": if_newer("last_seq"),
-            "last_device_ts": if_newer("last_device_ts"),
-            "last_metrics": if_newer("last_metrics"),
-            "last_source": if_newer("last_source"),
-            "version": devices.c.version + 1,
-        },
-    ).returning(*devices.c)
-    return [DeviceState.from_row(r) for r in conn.execute(stmt.values(rows)).mappings()]
-
-
-def _apply_statuses(
-    conn: Connection, statuses: Sequence[StatusReport], default_interval_s: int
-) -> list[DeviceState]:
-    latest: dict[str, StatusReport] = {}
-    for s in statuses:
-        if s.device_id not in latest or s.received_at > latest[s.device_id].received_at:
-            latest[s.device_id] = s
-    rows = [
-        {
-            "device_id": device_id,
-            "heartbeat_interval_s": default_interval_s,
-            "reported_status": s.status.value,
-            "reported_status_at": s.received_at,
+    set_ = {
+        "first_seen": func.least(d.first_seen, new.first_seen),
+        "last_seen": func.greatest(d.last_seen, new.last_seen),
+        "status": case((revives, new.status), else_=d.status),
+        "status_changed_at": case((turns_online, new.last_seen), else_=d.status_changed_at),
+        "status_reason": case((turns_online, new.status_reason), else_=d.status_reason),
+        "offline_deadline": case((revives, deadline), else_=d.offline_deadline),
+        "version": d.version + 1,
+    }
+    if heard:
+        set_ |= {
+            column: if_newer(column)
+            for column in (
+                "last_heartbeat_id",
+                "last_seq",
+                "last_device_ts",
+                "last_metrics",
+                "last_source",
+            )
         }
-        for device_id, s in sorted(latest.items())
-    ]
-    stmt = insert(devices)
-    new = stmt.excluded
-    newer = devices.c.reported_status_at.is_(None) | (
-        new.reported_status_at > devices.c.reported_status_at
-    )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[devices.c.device_id],
-        set_={
-            "reported_status": case((newer, new.reported_status), else_=devices.c.reported_status),
-            "reported_status_at": func.greatest(
-                devices.c.reported_status_at, new.reported_status_at
-            ),
-            "version": devices.c.version + 1,
-        },
-    ).returning(*devices.c)
+    stmt = stmt.on_conflict_do_update(index_elements=[d.device_id], set_=set_).returning(*d)
     return [DeviceState.from_row(r) for r in conn.execute(stmt.values(rows)).mappings()]
+
+
+def _apply_offline(conn: Connection, reports: Sequence[StatusReport]) -> list[DeviceState]:
+    """The device said `offline` (its Last Will): offline at once, unless heard from since."""
+    states = []
+    for device_id, report in sorted(_latest(reports).items()):
+        d = devices.c
+        row = (
+            conn.execute(
+                update(devices)
+                .where(
+                    d.device_id == device_id,
+                    d.last_seen.is_(None) | (d.last_seen <= report.received_at),
+                    d.status_changed_at.is_(None) | (d.status_changed_at < report.received_at),
+                )
+                .values(
+                    status=DeviceStatus.OFFLINE.value,
+                    status_changed_at=report.received_at,
+                    status_reason="last_will",
+                    offline_deadline=None,
+                    version=d.version + 1,
+                )
+                .returning(*d)
+            )
+            .mappings()
+            .first()
+        )
+        if row is not None:
+            states.append(DeviceState.from_row(row))
+    return states
 
 
 def write_rejections(conn: Connection, rejections: Sequence[Rejection]) -> int:

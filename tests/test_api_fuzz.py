@@ -18,7 +18,12 @@ EXAMPLES_PER_OPERATION = 40
 
 def test_api_holds_its_schema(apps: LocalStack) -> None:
     schema = schemathesis.openapi.from_url(f"{apps.api_url}/openapi.json")
-    operations = [result.ok() for result in schema.get_all_operations()]
+    # The event stream never ends by design: it has tests of its own.
+    operations = [
+        op
+        for op in (result.ok() for result in schema.get_all_operations())
+        if op.path != "/api/v1/events/stream"
+    ]
     assert len(operations) >= 8, "the schema lost operations"
     failures: dict[str, str] = {}
     for operation in operations:

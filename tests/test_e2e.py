@@ -170,7 +170,7 @@ def test_status_message_and_fleet(apps, api, device: Device) -> None:
         lambda: (s := device_state(api, device.device_id)) and s["status"] == "offline" and s,
         what="offline after its status message",
     )
-    assert state["reported_status"] == "offline"
+    assert state["status_reason"] == "last_will"
     fleet = api.get("/api/v1/fleet").json()
     assert fleet["offline"] >= 1
     assert fleet["total"] == fleet["online"] + fleet["offline"] + fleet["never_seen"]
@@ -230,10 +230,10 @@ def test_readme_device_example_runs(apps, api, device: Device) -> None:
     assert sorted(h["seq"] for h in stored) == [0, 1, 2]
     # The script ends without DISCONNECT, so the broker publishes its Last Will.
     state = poll(
-        lambda: (s := device_state(api, d)) and s["reported_status"] == "offline" and s,
+        lambda: (s := device_state(api, d)) and s["status"] == "offline" and s,
         what="the Last Will",
     )
-    assert state["status"] == "offline"
+    assert state["status_reason"] == "last_will"
 
 
 def seen(api: httpx.Client, device: Device) -> dict | None:

@@ -127,7 +127,7 @@ def test_device_state_moves_forward_and_is_mirrored(
                     StatusReport(device_id=device, status="offline", source=Source.MQTT)
                 )
                 await apoll(
-                    lambda: (state.read(redis_client, device) or _none()).reported_status,
+                    lambda: (state.read(redis_client, device) or _none()).status == "offline",
                     what="status report mirrored",
                 )
 
@@ -138,13 +138,13 @@ def test_device_state_moves_forward_and_is_mirrored(
     assert row["last_seen"] == beats[2].received_at
     assert row["last_metrics"] == {"cpu": 3.0}
     assert row["last_seq"] == 3
-    assert row["reported_status"] == "offline"
+    assert (row["status"], row["status_reason"]) == ("offline", "last_will")
     cached = state.read(redis_client, device)
     assert cached is not None
     assert cached.version == row["version"]
     assert cached.last_seen == row["last_seen"]
     assert cached.last_metrics == {"cpu": 3.0}
-    assert cached.status(3.0, now=beats[2].received_at) == "offline"  # its own word
+    assert cached.status_at(beats[2].received_at) == "offline"  # its own word
 
 
 def test_bad_messages_are_dead_lettered_without_blocking(vhost: str, stack, engine: Engine) -> None:
@@ -195,4 +195,4 @@ def _rejected(engine: Engine, device: str) -> list:
 
 
 class _none:
-    reported_status = None
+    status = None

@@ -26,6 +26,7 @@ from gateway.messages import Heartbeat, Rejection, Source, StatusReport, decode_
 from gateway.payload import describe_validation_error
 from gateway.settings import WorkerSettings
 from worker.batcher import Batcher, Message
+from worker.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ MAX_ATTEMPTS = 3
 class Worker:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
-        self.engine: Engine = make_engine(str(settings.database_url), pool_size=2)
+        self.engine: Engine = make_engine(str(settings.database_url), pool_size=3)
         self.redis = redis.Redis.from_url(
             str(settings.redis_url), socket_timeout=2, socket_connect_timeout=2
         )
@@ -136,8 +137,14 @@ class Worker:
         statuses = [i for i in items if isinstance(i, StatusReport)]
         with self.engine.begin() as conn:
             result = store.write_batch(
-                conn, beats, statuses, default_interval_s=self.settings.default_heartbeat_interval_s
+                conn,
+                beats,
+                statuses,
+                default_interval_s=self.settings.default_heartbeat_interval_s,
+                offline_factor=self.settings.offline_factor,
             )
+        for event in result.events:
+            metrics.STATUS_CHANGES.labels(event.to_status.value, event.reason).inc()
         committed = utcnow()
         metrics.PERSISTED.inc(result.inserted)
         metrics.DUPLICATES.inc(result.duplicates)
@@ -283,10 +290,14 @@ class Worker:
                 queue = (await topology.declare(channel))[queue_name]
                 consumers.append((queue, await queue.consume(batcher.add)))
                 log.info("worker consuming %s (prefetch %d)", queue_name, prefetch)
+            sweeper = Sweeper(
+                self.engine, period_s=s.worker_sweep_period_s, on_changed=self._mirror
+            )
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(work.run(self._stopping), name="batches:heartbeats")
                 tasks.create_task(dead.run(self._stopping), name="batches:rejected")
                 tasks.create_task(self._keep_mirror(self._stopping), name="redis:mirror")
+                tasks.create_task(sweeper.run(self._stopping), name="sweeper")
                 await stop.wait()
                 log.info("stopping: no new messages; flushing %d", work.pending + dead.pending)
                 for queue, tag in consumers:

@@ -1,0 +1,93 @@
+"""Status changes as they happen: PostgreSQL NOTIFY in, Server-Sent Events out.
+
+One LISTEN connection per api process (a thread) feeds every connected client through a
+bounded queue of its own. Ingest never waits for a client: a client too slow to keep up is
+told so (`event: overflow`) and disconnected; it reconnects and reads what it missed from
+`GET /devices/{id}/events`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import select
+import threading
+
+import psycopg2
+import psycopg2.extensions
+from sqlalchemy.engine import URL
+
+from gateway import liveness
+
+log = logging.getLogger(__name__)
+
+CLIENT_QUEUE = 1000
+OVERFLOW = object()
+
+
+class StatusStream:
+    def __init__(self, url: URL) -> None:
+        self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._clients: set[asyncio.Queue] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.listening = False
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._listen, name="status-listen", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for queue in list(self._clients):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
+
+    def subscribe(self) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue(CLIENT_QUEUE)
+        self._clients.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        self._clients.discard(queue)
+
+    def _publish(self, payload: str) -> None:
+        for queue in list(self._clients):
+            try:
+                queue.put_nowait(payload)
+            except asyncio.QueueFull:  # a slow client: tell it, drop it, never wait for it
+                self._clients.discard(queue)
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    queue.get_nowait()
+                queue.put_nowait(OVERFLOW)
+
+    def _listen(self) -> None:
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                conn = psycopg2.connect(self._dsn, connect_timeout=5)
+            except psycopg2.Error as exc:
+                log.warning("status stream cannot reach PostgreSQL (%s); retrying", exc)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            try:
+                conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+                conn.cursor().execute(f"LISTEN {liveness.CHANNEL}")
+                self.listening, delay = True, 0.5
+                while not self._stop.is_set():
+                    if select.select([conn], [], [], 1.0)[0]:
+                        conn.poll()
+                        while conn.notifies:
+                            note = conn.notifies.pop(0)
+                            assert self._loop is not None
+                            self._loop.call_soon_threadsafe(self._publish, note.payload)
+            except (psycopg2.Error, OSError) as exc:
+                log.warning("status stream lost PostgreSQL (%s); reconnecting", exc)
+            finally:
+                self.listening = False
+                with contextlib.suppress(psycopg2.Error):
+                    conn.close()
