@@ -43,4 +43,5 @@ AUTH_FAILURES = Counter(
 STATUS_CHANGES = Counter(
     "gateway_status_changes_total", "Device status changes", ["to_status", "reason"]
 )
+SWEEPER_LEADER = Gauge("gateway_sweeper_leader", "1 while this worker is the one sweeper")
 IN_FLIGHT = Gauge("gateway_in_flight_messages", "Messages taken but not yet acknowledged")

@@ -115,25 +115,32 @@ def api(apps: LocalStack) -> Iterator[httpx.Client]:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    """The fault report: one row per injected fault, from this run."""
-    report = LocalStack.test().run_dir / "fault-report.json"
-    if not report.exists() or report.stat().st_mtime < config._gateway_started:
-        return
-    rows = json.loads(report.read_text())
+    """The reports of this run: one row per injected fault, and liveness detection delays."""
+    run_dir = LocalStack.test().run_dir
     write = terminalreporter.write_line
-    terminalreporter.section("fault report")
-    write(
-        f"{'fault':<30} {'sent':>6} {'acked':>6} {'stored':>6} {'dupl.':>6} {'lost':>5} "
-        f"{'recovery s':>10}"
-    )
-    for r in rows:
+    faults = run_dir / "fault-report.json"
+    if faults.exists() and faults.stat().st_mtime >= config._gateway_started:
+        terminalreporter.section("fault report")
         write(
-            f"{r['fault']:<30} {r['sent']:>6} {r['acked']:>6} {r['stored']:>6} "
-            f"{r['duplicates']:>6} {r['lost']:>5} {r['recovery_s']:>10}"
+            f"{'fault':<30} {'sent':>6} {'acked':>6} {'stored':>6} {'dupl.':>6} {'lost':>5} "
+            f"{'recovery s':>10}"
         )
+        for r in json.loads(faults.read_text()):
+            write(
+                f"{r['fault']:<30} {r['sent']:>6} {r['acked']:>6} {r['stored']:>6} "
+                f"{r['duplicates']:>6} {r['lost']:>5} {r['recovery_s']:>10}"
+            )
+    liveness = run_dir / "liveness-report.json"
+    if liveness.exists() and liveness.stat().st_mtime >= config._gateway_started:
+        terminalreporter.section("liveness detection delays")
+        for r in json.loads(liveness.read_text()):
+            write(
+                f"{r['what']:<58} {r['devices']:>3} devices  p50 {r['p50_s']:.3f} s  "
+                f"max {r['max_s']:.3f} s"
+            )
 
 
 def pytest_configure(config) -> None:
     config._gateway_started = time.time()
-    report = LocalStack.test().run_dir / "fault-report.json"
-    report.unlink(missing_ok=True)
+    for report in ("fault-report.json", "liveness-report.json"):
+        (LocalStack.test().run_dir / report).unlink(missing_ok=True)

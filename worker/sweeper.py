@@ -51,6 +51,7 @@ class Sweeper:
                     if self._conn is None:
                         self._conn = await asyncio.to_thread(self._acquire)
                         if self._conn is not None:
+                            metrics.SWEEPER_LEADER.set(1)
                             log.info("this worker is the sweeper now")
                     if self._conn is not None:
                         changed = await asyncio.to_thread(self._sweep)
@@ -87,6 +88,7 @@ class Sweeper:
         return len(states)
 
     def _release(self) -> None:
+        metrics.SWEEPER_LEADER.set(0)
         if self._conn is not None:
             with contextlib.suppress(SQLAlchemyError):
                 self._conn.invalidate()  # closes the session: the lock goes with it

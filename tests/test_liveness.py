@@ -1,0 +1,321 @@
+"""Liveness operators can trust: online and offline on time, Last Will, status messages, one
+sweeper among several workers, the event stream, link quality. Real broker, database and MQTT
+clients; every wait is a poll with a deadline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+import redis
+from support import Device, poll
+
+from gateway import state
+from gateway.localstack import LocalStack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+FLEET = 20
+FACTOR = 3.0  # GATEWAY_OFFLINE_FACTOR's default
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def events(api: httpx.Client, device_id: str) -> list[dict]:
+    return api.get(f"/api/v1/devices/{device_id}/events").json()["items"]
+
+
+def beat(stack: LocalStack, device: Device, **body) -> None:
+    response = httpx.post(
+        f"{stack.api_url}/api/v1/devices/{device.device_id}/heartbeats",
+        json=body,
+        headers=device.auth,
+    )
+    assert response.status_code == 202, response.text
+
+
+class Stream:
+    """An SSE client in a thread: every status event, with the time it arrived."""
+
+    def __init__(self, stack: LocalStack, api: httpx.Client) -> None:
+        self.events: list[tuple[dict, datetime]] = []
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._read,
+            args=(f"{stack.api_url}/api/v1/events/stream", dict(api.headers)),
+            daemon=True,
+        )
+
+    def __enter__(self) -> Stream:
+        self._thread.start()
+        assert self._ready.wait(10), "the event stream did not open"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def _read(self, url: str, headers: dict) -> None:
+        with httpx.stream("GET", url, headers=headers, timeout=None) as response:
+            for line in response.iter_lines():
+                if line.startswith(": connected"):
+                    self._ready.set()
+                elif line.startswith("data: "):
+                    self.events.append((json.loads(line[6:]), datetime.now(UTC)))
+                if self._stop.is_set():
+                    return
+
+    def seen(self, device_ids: set[str], to_status: str) -> dict[str, tuple[dict, datetime]]:
+        found = {e["device_id"]: (e, t) for e, t in self.events if e["to_status"] == to_status}
+        return {d: found[d] for d in device_ids if d in found}
+
+
+def record(name: str, delays: list[float]) -> dict:
+    row = {
+        "what": name,
+        "devices": len(delays),
+        "p50_s": round(statistics.median(delays), 3),
+        "max_s": round(max(delays), 3),
+    }
+    report = LocalStack.test().run_dir / "liveness-report.json"
+    rows = json.loads(report.read_text()) if report.exists() else []
+    report.write_text(json.dumps([r for r in rows if r["what"] != name] + [row], indent=2))
+    return row
+
+
+def test_silent_devices_go_offline_on_time(apps, api, register) -> None:
+    """Interval 1 s: offline once 3 s pass without a heartbeat, within a sweep period. The delay
+    is measured as an operator sees it: the event's arrival on the stream after the deadline."""
+    fleet = [register("quiet", heartbeat_interval_s=1) for _ in range(FLEET)]
+    ids = {d.device_id for d in fleet}
+    with Stream(apps, api) as stream:
+        for device in fleet:
+            beat(apps, device, seq=1)
+        arrived = poll(
+            lambda: len(s := stream.seen(ids, "offline")) == FLEET and s,
+            timeout=30,
+            what=f"{FLEET} devices offline",
+        )
+    delays = []
+    for device in fleet:
+        event, when = arrived[device.device_id]
+        assert event["reason"] == "timeout"
+        view = api.get(f"/api/v1/devices/{device.device_id}").json()
+        assert view["status"] == "offline"
+        deadline = at(view["last_seen"]) + timedelta(seconds=1 * FACTOR)
+        assert at(event["at"]) >= deadline, "marked offline before its deadline"
+        delays.append((when - deadline).total_seconds())
+        history = events(api, device.device_id)
+        assert [(e["from_status"], e["to_status"], e["reason"]) for e in reversed(history)] == [
+            ("never_seen", "online", "heartbeat"),
+            ("online", "offline", "timeout"),
+        ]
+    row = record("timeout, interval 1 s (deadline to event on the stream)", delays)
+    assert row["max_s"] <= 1.0 + 1.0, f"detection too late: {row}"
+    fleet_view = api.get("/api/v1/fleet", params={"recent": 100}).json()
+    assert ids <= {d["device_id"] for d in fleet_view["recently_offline"]}
+
+
+def connect(stack: LocalStack, device: Device) -> mqtt.Client:
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=device.device_id, protocol=mqtt.MQTTv311
+    )
+    client.username_pw_set(device.device_id, device.token)
+    client.will_set(f"devices/{device.device_id}/status", "offline", qos=1)
+    connected = threading.Event()
+    client.on_connect = lambda *a: connected.set()
+    client.connect("127.0.0.1", stack.ports.mqtt, keepalive=30)
+    client.loop_start()
+    assert connected.wait(10)
+    return client
+
+
+def test_last_will_marks_a_vanished_device_offline_within_2_s(apps, api, register) -> None:
+    fleet = [register("will", heartbeat_interval_s=3600) for _ in range(FLEET)]
+    ids = {d.device_id for d in fleet}
+    clients = [connect(apps, d) for d in fleet]
+    with Stream(apps, api) as stream:
+        for client, device in zip(clients, fleet, strict=True):
+            info = client.publish(f"devices/{device.device_id}/heartbeat", b'{"seq": 1}', qos=1)
+            info.wait_for_publish(timeout=10)
+        poll(lambda: len(stream.seen(ids, "online")) == FLEET, what="all online")
+        killed = {}
+        for client, device in zip(clients, fleet, strict=True):
+            client.loop_stop()  # no reconnect, no DISCONNECT: the connection just drops
+            sock = client.socket()
+            killed[device.device_id] = datetime.now(UTC)
+            sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        arrived = poll(
+            lambda: len(s := stream.seen(ids, "offline")) == FLEET and s,
+            timeout=15,
+            what=f"{FLEET} Last Wills",
+        )
+    delays = []
+    for device_id, (event, when) in arrived.items():
+        assert event["reason"] == "last_will"
+        delays.append((when - killed[device_id]).total_seconds())
+    row = record("Last Will, socket killed (kill to event on the stream)", delays)
+    assert row["max_s"] <= 2.0, f"Last Will too slow: {row}"
+
+
+def test_status_message_online_is_online_at_once(apps, api, device: Device) -> None:
+    client = connect(apps, device)
+    try:
+        info = client.publish(f"devices/{device.device_id}/status", b"online", qos=1)
+        info.wait_for_publish(timeout=10)
+        view = poll(
+            lambda: (
+                (v := api.get(f"/api/v1/devices/{device.device_id}").json())["status"] == "online"
+                and v
+            ),
+            what="online from its status message",
+        )
+        assert view["status_reason"] == "status_message"
+        assert events(api, device.device_id)[0]["reason"] == "status_message"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_changing_the_interval_moves_the_deadline(apps, api, register) -> None:
+    device = register("slow", heartbeat_interval_s=1)
+    beat(apps, device)
+    poll(
+        lambda: api.get(f"/api/v1/devices/{device.device_id}").json()["status"] == "online",
+        what="online",
+    )
+    changed = api.patch(f"/api/v1/devices/{device.device_id}", json={"heartbeat_interval_s": 600})
+    assert changed.status_code == 200
+    body = changed.json()
+    assert body["heartbeat_interval_s"] == 600
+    assert at(body["offline_deadline"]) - at(body["last_seen"]) == timedelta(seconds=1800)
+    time.sleep(4)  # past the old deadline (3 s): the device must still be online
+    assert api.get(f"/api/v1/devices/{device.device_id}").json()["status"] == "online"
+
+
+def metric(stack: LocalStack, name: str, metric_name: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{stack.health_port(name)}/metrics").text
+    for line in text.splitlines():
+        if line.startswith(metric_name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_one_sweeper_among_several_workers(apps, api, register) -> None:
+    apps.start_app("worker-2")
+    apps.wait_apps(("worker-2",))
+    try:
+
+        def leaders() -> list[float] | None:
+            flags = [metric(apps, n, "gateway_sweeper_leader") for n in ("worker", "worker-2")]
+            return flags if sum(flags) == 1 else None
+
+        flags = poll(leaders, what="exactly one sweeper")
+        leader = ("worker", "worker-2")[flags.index(1.0)]
+        os.kill(apps.component(leader).pid(), signal.SIGKILL)
+        other = "worker-2" if leader == "worker" else "worker"
+        poll(
+            lambda: metric(apps, other, "gateway_sweeper_leader") == 1.0,
+            timeout=15,
+            what="the other worker takes over the sweep",
+        )
+        fleet = [register("swept", heartbeat_interval_s=1) for _ in range(5)]
+        for device in fleet:
+            beat(apps, device)
+        for device in fleet:
+            history = poll(
+                lambda d=device: (
+                    (e := events(api, d.device_id)) and e[0]["reason"] == "timeout" and e
+                ),
+                timeout=20,
+                what="swept by the new sweeper",
+            )
+            assert [e["reason"] for e in history].count("timeout") == 1
+    finally:
+        apps.stop_app("worker-2")
+        apps.up(echo=False)
+
+
+def test_event_stream_reaches_several_clients(apps, api, register) -> None:
+    device = register("streamed")
+    seen: list[list[dict]] = [[], []]
+    ready = [threading.Event(), threading.Event()]
+    stop = threading.Event()
+
+    def listen(index: int) -> None:
+        with httpx.stream(
+            "GET", f"{apps.api_url}/api/v1/events/stream", headers=dict(api.headers), timeout=30
+        ) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            for line in response.iter_lines():
+                if line.startswith(": connected"):
+                    ready[index].set()
+                if line.startswith("data: "):
+                    event = json.loads(line.removeprefix("data: "))
+                    if event["device_id"] == device.device_id:
+                        seen[index].append(event)
+                if stop.is_set() or len(seen[index]) >= 2:
+                    return
+
+    threads = [threading.Thread(target=listen, args=(i,), daemon=True) for i in range(2)]
+    for t in threads:
+        t.start()
+    for r in ready:
+        assert r.wait(10), "stream did not open"
+    api.patch(f"/api/v1/devices/{device.device_id}", json={"heartbeat_interval_s": 1})
+    beat(apps, device)
+    poll(lambda: all(len(s) >= 2 for s in seen), timeout=20, what="online then offline on both")
+    stop.set()
+    for s in seen:
+        assert [(e["to_status"], e["reason"]) for e in s[:2]] == [
+            ("online", "heartbeat"),
+            ("offline", "timeout"),
+        ]
+
+
+def test_link_quality_from_a_scripted_sequence(apps, api, device: Device) -> None:
+    skew = timedelta(seconds=2)
+    sent = [s for s in range(10) if s not in (3, 7)]  # two heartbeats lost on the way
+    for seq in sent:
+        ts = (datetime.now(UTC) - skew).isoformat()
+        beat(apps, device, seq=seq, ts=ts, msg_id=f"lq-{seq}")
+        time.sleep(0.2)
+    quality = poll(
+        lambda: (
+            (q := api.get(f"/api/v1/devices/{device.device_id}").json()["link_quality"])
+            and q["received"] == len(sent)
+            and q
+        ),
+        what="all heartbeats counted",
+    )
+    assert quality["expected"] == 10
+    assert quality["loss_pct"] == 20.0
+    assert 0.15 <= quality["median_interval_s"] <= 0.6
+    assert 1.9 <= quality["clock_skew_s"] <= 2.5
+    assert quality["window_s"] == 3600
+
+
+def test_redis_is_rebuilt_from_postgres_when_empty(apps, api, device: Device) -> None:
+    beat(apps, device)
+    client = redis.Redis.from_url(apps.redis_url)
+    poll(lambda: state.read(client, device.device_id), what="mirrored")
+    client.flushall()  # what a restarted Redis (nothing on disk) looks like
+    apps.stop_app("worker")
+    apps.start_app("worker")
+    apps.wait_apps(("worker",))
+    poll(lambda: client.exists(state.REBUILT_KEY), what="rebuilt at start")
+    cached = state.read(client, device.device_id)
+    assert cached is not None and cached.last_seen is not None
+    client.close()
