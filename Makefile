@@ -23,6 +23,10 @@ test: install  ## The whole suite: unit, integration, end-to-end (starts its own
 	$(BIN)/gateway stack install --with-test-tools
 	$(BIN)/pytest
 
+bench: install  ## Benchmarks on a stack of their own (loopback only); results in bench/results/
+	$(BIN)/gateway stack install
+	$(BIN)/python bench/auth_connect.py
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -49,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         commands.add_parser("rejected", help="list and replay dead letters (GATEWAY_DATABASE_URL)")
     )
 
+    from gateway.simulate_cli import add_arguments as simulate_arguments
+
+    simulate_arguments(
+        commands.add_parser("simulate", help="simulated devices sending realistic heartbeats")
+    )
+
     commands.add_parser("migrate", help="apply database migrations (GATEWAY_DATABASE_URL)")
     commands.add_parser("definitions", help="print rabbitmq/definitions.json from the topology")
 
@@ -85,6 +91,10 @@ def _run(args: argparse.Namespace) -> int:
         from gateway.rejected_cli import run_rejected
 
         return run_rejected(args)
+    if args.command == "simulate":
+        from gateway.simulate_cli import run_simulate
+
+        return run_simulate(args)
     if args.command == "migrate":
         from gateway.db import migrate
         from gateway.settings import CommonSettings
