@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -14,7 +13,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
-from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,6 +23,7 @@ from gateway import logs
 from gateway.broker import Publisher, connect
 from gateway.db import is_transient, make_engine
 from gateway.errors import InputError
+from gateway.health import check_storage
 from gateway.settings import ApiSettings
 from gateway.topics import validate_device_id
 
@@ -136,28 +135,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     )
     async def readyz(request: Request) -> JSONResponse:
         ctx: Context = request.app.state.context
-
-        def database() -> bool:
-            try:
-                with ctx.engine.connect() as conn:
-                    conn.execute(text("SELECT 1"))
-                return True
-            except SQLAlchemyError:
-                return False
-
-        def cache() -> bool:
-            try:
-                return bool(ctx.redis.ping())
-            except redis.RedisError:
-                return False
-
-        db_ok, redis_ok = await asyncio.gather(
-            asyncio.to_thread(database), asyncio.to_thread(cache)
-        )
+        storage = await check_storage(ctx.engine, ctx.redis)
         checks = {
             "rabbitmq": not ctx.connection.is_closed and ctx.publisher.is_open,
-            "postgres": db_ok,
-            "redis": redis_ok,
+            **storage,
         }
         ready = checks["rabbitmq"] and checks["postgres"]
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)

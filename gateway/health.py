@@ -7,7 +7,10 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 
+import redis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
 
 log = logging.getLogger(__name__)
 
@@ -77,3 +80,24 @@ class HealthServer:
         if path == "/metrics":
             return "200 OK", generate_latest(), CONTENT_TYPE_LATEST
         return "404 Not Found", b'{"detail":"not found"}', "application/json"
+
+
+async def check_storage(engine: Engine, cache: redis.Redis) -> dict[str, bool]:
+    """Can PostgreSQL and Redis answer right now? (Checked in threads, side by side.)"""
+
+    def database() -> bool:
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except SQLAlchemyError:
+            return False
+        return True
+
+    def ping() -> bool:
+        try:
+            return bool(cache.ping())
+        except redis.RedisError:
+            return False
+
+    db_ok, redis_ok = await asyncio.gather(asyncio.to_thread(database), asyncio.to_thread(ping))
+    return {"postgres": db_ok, "redis": redis_ok}

@@ -73,6 +73,15 @@ class Identity:
     enabled: bool
 
 
+def _issued(token: str, state: DeviceState) -> IssuedToken:
+    return IssuedToken(
+        device_id=state.device_id,
+        token=token,
+        heartbeat_interval_s=state.heartbeat_interval_s,
+        mqtt_username=state.device_id,
+    )
+
+
 def _returning_state(conn: Connection, stmt) -> DeviceState | None:
     row = conn.execute(stmt.returning(*devices.c)).mappings().first()
     return DeviceState.from_row(row) if row else None
@@ -110,13 +119,7 @@ def register(conn: Connection, registration: Registration) -> tuple[IssuedToken,
     state = _returning_state(conn, stmt)
     if state is None:
         raise DeviceExists(f"device {device_id!r} is already registered; rotate its token instead")
-    issued = IssuedToken(
-        device_id=device_id,
-        token=token,
-        heartbeat_interval_s=state.heartbeat_interval_s,
-        mqtt_username=device_id,
-    )
-    return issued, state
+    return _issued(token, state), state
 
 
 def rotate(conn: Connection, device_id: str) -> tuple[IssuedToken, DeviceState]:
@@ -134,13 +137,7 @@ def rotate(conn: Connection, device_id: str) -> tuple[IssuedToken, DeviceState]:
     )
     if state is None:
         raise UnknownDevice(f"no registered device {device_id!r}")
-    issued = IssuedToken(
-        device_id=device_id,
-        token=token,
-        heartbeat_interval_s=state.heartbeat_interval_s,
-        mqtt_username=device_id,
-    )
-    return issued, state
+    return _issued(token, state), state
 
 
 def change(

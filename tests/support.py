@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -83,3 +84,44 @@ async def serving(service: Any, timeout: float = 20.0) -> AsyncIterator[Any]:
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout)
+
+
+SEED_SHAPE = {
+    "device_uuid": "0b9f4f0e-1f7c-4c1e-9a57-8d3f5d9c2a11",
+    "cpu_usage": 31.2,
+    "ram_usage": 48.0,
+    "disk_free": 120.5,
+    "temperature": 51.3,
+    "latency": 23.0,
+    "connectivity": 1,
+    "boot_date": "2026-11-20T08:00:00Z",
+}
+
+
+@contextlib.contextmanager
+def mqtt_session(mqtt_port: int, device: Device) -> Iterator[Any]:
+    """A connected MQTT client of `device` (paho, QoS 1 ready), closed afterwards."""
+    from gateway.simulate import Credentials, MqttDevice, Tally
+
+    sim = MqttDevice(
+        Credentials(device.device_id, device.token),
+        "127.0.0.1",
+        mqtt_port,
+        Tally(),
+        rng=random.Random(0),
+    )
+    try:
+        poll(sim.client.is_connected, what="MQTT connected")
+        yield sim.client
+    finally:
+        sim.close()
+
+
+def publish_acked(client: Any, topic: str, body: bytes) -> bool:
+    """Publish with QoS 1; True once the broker acknowledged it."""
+    info = client.publish(topic, body, qos=1)
+    try:
+        info.wait_for_publish(timeout=10)
+    except (RuntimeError, ValueError):
+        return False
+    return info.is_published()

@@ -8,16 +8,14 @@ detail names the problem.
 
 from __future__ import annotations
 
-import random
 import urllib.parse
 
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
-from support import Device, poll, unique
+from support import Device, mqtt_session, poll, publish_acked, unique
 
 from gateway.localstack import LocalStack
-from gateway.simulate import Credentials, MqttDevice, Tally
 
 pytestmark = pytest.mark.e2e
 
@@ -45,25 +43,11 @@ BAD_IDS = {
 def test_bad_payloads_over_mqtt_are_dead_letters_with_their_reason(
     apps: LocalStack, api, device: Device
 ) -> None:
-    sim = MqttDevice(
-        Credentials(device.device_id, device.token),
-        "127.0.0.1",
-        apps.ports.mqtt,
-        Tally(),
-        rng=random.Random(0),
-    )
-    poll(sim.client.is_connected, what="MQTT connected")
-    try:
+    topic = f"devices/{device.device_id}/heartbeat"
+    with mqtt_session(apps.ports.mqtt, device) as client:
         for body, *_ in PAYLOADS.values():
-            info = sim.client.publish(f"devices/{device.device_id}/heartbeat", body, qos=1)
-            info.wait_for_publish(timeout=10)
-            assert info.is_published()
-        good = sim.client.publish(
-            f"devices/{device.device_id}/heartbeat", b'{"msg_id": "after"}', qos=1
-        )
-        good.wait_for_publish(timeout=10)
-    finally:
-        sim.close()
+            assert publish_acked(client, topic, body)
+        assert publish_acked(client, topic, b'{"msg_id": "after"}')
 
     def dead_letters() -> list[dict]:
         items = api.get(
@@ -139,20 +123,7 @@ def _closed(client: mqtt.Client) -> bool:
 
 
 def test_a_device_cannot_publish_to_a_topic_with_a_bad_device_id(
-    apps: LocalStack, api, device: Device
+    apps: LocalStack, device: Device
 ) -> None:
-    sim = MqttDevice(
-        Credentials(device.device_id, device.token),
-        "127.0.0.1",
-        apps.ports.mqtt,
-        Tally(),
-        rng=random.Random(0),
-    )
-    poll(sim.client.is_connected, what="MQTT connected")
-    try:
-        info = sim.client.publish("devices/a.b/heartbeat", b"{}", qos=1)
-        with pytest.raises((RuntimeError, ValueError, AssertionError)):
-            info.wait_for_publish(timeout=5)
-            assert info.is_published()
-    finally:
-        sim.close()
+    with mqtt_session(apps.ports.mqtt, device) as client:
+        assert not publish_acked(client, "devices/a.b/heartbeat", b"{}")

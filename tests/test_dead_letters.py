@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -10,10 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import Engine, text
-from support import Device, poll
+from support import Device, mqtt_session, poll, publish_acked
 
 from gateway.localstack import LocalStack
-from gateway.simulate import Credentials, MqttDevice, Tally
 
 pytestmark = pytest.mark.e2e
 
@@ -22,21 +20,9 @@ GATEWAY = str(Path(__file__).parent.parent / ".venv" / "bin" / "gateway")
 
 def publish_raw(stack: LocalStack, device: Device, bodies: list[bytes]) -> None:
     """Publish raw bodies as the device, each acknowledged by the broker (QoS 1)."""
-    sim = MqttDevice(
-        Credentials(device.device_id, device.token),
-        "127.0.0.1",
-        stack.ports.mqtt,
-        Tally(),
-        rng=random.Random(0),
-    )
-    poll(sim.client.is_connected, what="MQTT connected")
-    try:
+    with mqtt_session(stack.ports.mqtt, device) as client:
         for body in bodies:
-            info = sim.client.publish(f"devices/{device.device_id}/heartbeat", body, qos=1)
-            info.wait_for_publish(timeout=10)
-            assert info.is_published()
-    finally:
-        sim.close()
+            assert publish_acked(client, f"devices/{device.device_id}/heartbeat", body)
 
 
 def dead(api: httpx.Client, **params) -> dict:

@@ -13,22 +13,11 @@ from pathlib import Path
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
-from support import OPERATOR_TOKEN, Device, poll, unavailable, unique
+from support import OPERATOR_TOKEN, SEED_SHAPE, Device, poll, unavailable, unique
 
 from gateway.localstack import LocalStack
 
 pytestmark = [pytest.mark.e2e]
-
-SEED_SHAPE = {
-    "device_uuid": "0b9f4f0e-1f7c-4c1e-9a57-8d3f5d9c2a11",
-    "cpu_usage": 31.2,
-    "ram_usage": 48.0,
-    "disk_free": 120.5,
-    "temperature": 51.3,
-    "latency": 23.0,
-    "connectivity": 1,
-    "boot_date": "2026-11-20T08:00:00Z",
-}
 
 
 def device_state(api: httpx.Client, device: str) -> dict | None:

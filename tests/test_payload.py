@@ -6,21 +6,11 @@ import json
 from datetime import UTC, datetime
 
 import pytest
+from support import SEED_SHAPE
 
 from gateway.errors import InputError, Reason
 from gateway.messages import Heartbeat, Source, idempotency_key
 from gateway.payload import MAX_PAYLOAD_BYTES, HeartbeatPayload, parse_payload
-
-SEED_SHAPE = {
-    "device_uuid": "0b9f4f0e-1f7c-4c1e-9a57-8d3f5d9c2a11",
-    "cpu_usage": 31.2,
-    "ram_usage": 48.0,
-    "disk_free": 120.5,
-    "temperature": 51.3,
-    "latency": 23.0,
-    "connectivity": 1,
-    "boot_date": "2026-11-20T08:00:00Z",
-}
 
 
 def parse(obj: object) -> HeartbeatPayload:

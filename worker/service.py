@@ -14,14 +14,14 @@ from collections.abc import Sequence
 import aio_pika.abc
 import redis
 from pydantic import ValidationError
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import metrics, state, store, topology
 from gateway.broker import Publisher, PublishFailed, ack, connect
 from gateway.db import is_transient, make_engine
 from gateway.errors import InputError, Reason
-from gateway.health import HealthServer
+from gateway.health import HealthServer, check_storage
 from gateway.messages import Heartbeat, Rejection, Source, StatusReport, decode_work, utcnow
 from gateway.payload import describe_validation_error
 from gateway.settings import WorkerSettings
@@ -245,25 +245,8 @@ class Worker:
     # ---- lifecycle ------------------------------------------------------------------------
 
     async def ready(self) -> dict[str, bool]:
-        def database() -> bool:
-            try:
-                with self.engine.connect() as conn:
-                    conn.execute(text("SELECT 1"))
-                return True
-            except SQLAlchemyError:
-                return False
-
-        def cache() -> bool:
-            try:
-                return bool(self.redis.ping())
-            except redis.RedisError:
-                return False
-
         connected = self._connection is not None and not self._connection.is_closed
-        db_ok, redis_ok = await asyncio.gather(
-            asyncio.to_thread(database), asyncio.to_thread(cache)
-        )
-        return {"rabbitmq": connected, "postgres": db_ok, "redis": redis_ok}
+        return {"rabbitmq": connected, **await check_storage(self.engine, self.redis)}
 
     async def serve(self, stop: asyncio.Event) -> None:
         s = self.settings
