@@ -4,6 +4,7 @@ clients; every wait is a poll with a deadline."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -17,8 +18,10 @@ import httpx
 import paho.mqtt.client as mqtt
 import pytest
 import redis
-from support import Device, poll
+from sqlalchemy import make_url
+from support import Device, mqtt_session, poll, publish_acked
 
+from api.stream import CLIENT_QUEUE, OVERFLOW, StatusStream
 from gateway import state
 from gateway.localstack import LocalStack
 
@@ -319,3 +322,36 @@ def test_redis_is_rebuilt_from_postgres_when_empty(apps, api, device: Device) ->
     cached = state.read(client, device.device_id)
     assert cached is not None and cached.last_seen is not None
     client.close()
+
+
+def test_events_page_newest_first(apps, api, device: Device) -> None:
+    beat(apps, device)
+    with mqtt_session(apps.ports.mqtt, device) as client:
+        assert publish_acked(client, f"devices/{device.device_id}/status", b"offline")
+    poll(lambda: len(events(api, device.device_id)) == 2, what="2 events")
+    first = api.get(f"/api/v1/devices/{device.device_id}/events", params={"limit": 1}).json()
+    assert [e["to_status"] for e in first["items"]] == ["offline"]
+    second = api.get(
+        f"/api/v1/devices/{device.device_id}/events",
+        params={"limit": 1, "cursor": first["next_cursor"]},
+    ).json()
+    assert [e["to_status"] for e in second["items"]] == ["online"]
+    assert second["next_cursor"] is None
+
+
+def test_a_slow_stream_client_is_dropped_not_waited_for() -> None:
+    """Ingest never waits on a dashboard: a client 1,000 events behind is told and dropped."""
+
+    async def scenario() -> None:
+        stream = StatusStream(make_url("postgresql://unused/none"))
+        slow = stream.subscribe()
+        fast = stream.subscribe()
+        for i in range(CLIENT_QUEUE + 5):
+            stream._publish(f'{{"n": {i}}}')
+            if not fast.empty():
+                fast.get_nowait()  # this one keeps up
+        items = [slow.get_nowait() for _ in range(slow.qsize())]
+        assert items[-1] is OVERFLOW
+        assert fast.empty() and fast in stream._clients and slow not in stream._clients
+
+    asyncio.run(scenario())
