@@ -25,6 +25,7 @@ test: install  ## The whole suite: unit, integration, end-to-end (starts its own
 
 bench: install  ## Benchmarks on a stack of their own (loopback only); results in bench/results/
 	$(BIN)/gateway stack install
+	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/auth_connect.py
 
 lint: install

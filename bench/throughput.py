@@ -1,0 +1,362 @@
+"""Throughput and latency of the gateway, against ceilings measured in the same run.
+
+On a stack of its own (loopback only), in this order:
+  (a) broker alone: MQTT QoS 1 publishes into the inbox, an AMQP consumer that only acks;
+  (b) PostgreSQL alone: COPY of heartbeat rows;
+  (c) uvicorn alone: a handler that answers 202 and does nothing;
+  MQTT end to end: the sustained rate of heartbeats committed to PostgreSQL, then the
+    publish-to-commit latency at 50% and 90% of that rate;
+  worker alone: a backlog of canonical messages drained into PostgreSQL;
+  HTTP end to end: `POST /heartbeats` (202 after the broker's confirm) with wrk.
+It checks stored = acknowledged for every end-to-end run, and reports the ratios.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aio_pika
+import psycopg2
+from sqlalchemy import func, select
+
+from gateway import registry, topology
+from gateway.broker import Publisher
+from gateway.db import make_engine
+from gateway.localstack import LocalStack, StackError, require_system_packages
+from gateway.messages import Heartbeat, Source
+from gateway.payload import HeartbeatPayload
+from gateway.schema import heartbeats
+from gateway.simulate import Credentials, Simulation, percentiles
+
+RESULTS = Path(__file__).parent / "results"
+MQTT_DEVICES = 100
+WINDOW_S = 15.0
+WRK = ["wrk", "-t2", "-c32", "-d10s", "--latency"]
+BARE_PORT = 8299
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def register(stack: LocalStack, prefix: str, count: int) -> list[Credentials]:
+    engine = make_engine(stack.database_url)
+    with engine.begin() as conn:
+        creds = []
+        for i in range(count):
+            issued, _ = registry.register(
+                conn, registry.Registration(device_id=f"{prefix}-{i:04d}", heartbeat_interval_s=60)
+            )
+            creds.append(Credentials(issued.device_id, issued.token))
+    engine.dispose()
+    return creds
+
+
+def drive(stack: LocalStack, creds: list[Credentials], rate: float | None, seconds: float):
+    """MQTT devices publishing for `seconds` (as fast as they can when `rate` is None)."""
+    interval = 0.0005 * len(creds) if rate is None else len(creds) / rate
+    sim = Simulation(creds, interval_s=interval, mqtt_port=stack.ports.mqtt, jitter=0.05)
+    return sim.run_for(seconds)
+
+
+def stored(stack: LocalStack, device_ids: list[str]) -> list[tuple[str, datetime]]:
+    """(msg_id, commit time) of the devices' stored heartbeats."""
+    engine = make_engine(stack.database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(heartbeats.c.msg_id, heartbeats.c.stored_at).where(
+                heartbeats.c.device_id.in_(device_ids)
+            )
+        ).all()
+    engine.dispose()
+    return rows
+
+
+def wait_drained(stack: LocalStack, device_ids: list[str], expected: int, timeout: float = 300):
+    engine = make_engine(stack.database_url)
+    deadline = time.monotonic() + timeout
+    count = 0
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            count = conn.scalar(
+                select(func.count())
+                .select_from(heartbeats)
+                .where(heartbeats.c.device_id.in_(device_ids))
+            )
+        if count >= expected:
+            break
+        time.sleep(0.5)
+    engine.dispose()
+    return count
+
+
+# ---- ceilings ---------------------------------------------------------------------------------
+
+
+def broker_ceiling(stack: LocalStack, creds: list[Credentials]) -> dict:
+    """MQTT QoS 1 into the inbox, an AMQP consumer that only acks: the broker's own rate."""
+    stack.stop_app("bridge")
+    acked = 0
+
+    async def consume(stop: asyncio.Event) -> None:
+        nonlocal acked
+        async with await aio_pika.connect(stack.amqp_url) as conn:
+            channel = await conn.channel()
+            await channel.set_qos(prefetch_count=1000)
+            queue = await channel.get_queue(topology.MQTT_INBOX_QUEUE)
+
+            async def on(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                nonlocal acked
+                await message.ack()
+                acked += 1
+
+            await queue.consume(on)
+            await stop.wait()
+
+    async def run() -> tuple[float, float]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(consume(stop))
+        await asyncio.sleep(1)
+        started, before = time.monotonic(), acked
+        tally = await asyncio.to_thread(drive, stack, creds, None, WINDOW_S)
+        elapsed = time.monotonic() - started
+        rate = (acked - before) / elapsed
+        await asyncio.sleep(2)
+        stop.set()
+        await task
+        return rate, len(tally.acked) / WINDOW_S
+
+    consumed, published = asyncio.run(run())
+    stack.start_app("bridge")
+    stack.wait_apps(("bridge",))
+    return {"consumed_per_s": round(consumed), "puback_per_s": round(published)}
+
+
+def postgres_ceiling(stack: LocalStack, rows: int = 200_000) -> dict:
+    """COPY of heartbeat-shaped rows into a table like `heartbeats`."""
+    buffer = io.StringIO()
+    now = datetime.now(UTC).isoformat()
+    for i in range(rows):
+        buffer.write(
+            f"{uuid.uuid4()}\tceiling-{i % 100}\tm-{i}\t{i}\t{now}\t{now}\tmqtt\t"
+            '{"cpu": 12.5, "mem": 61.0, "temp_c": 48.2, "rssi": -60}\n'
+        )
+    dsn = stack.database_url.replace("postgresql+psycopg2", "postgresql")
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TEMP TABLE copy_ceiling (LIKE heartbeats INCLUDING DEFAULTS)")
+        buffer.seek(0)
+        started = time.perf_counter()
+        cur.copy_expert(
+            "COPY copy_ceiling (id, device_id, msg_id, seq, device_ts, received_at, source,"
+            " metrics) FROM STDIN",
+            buffer,
+        )
+        conn.commit()
+        elapsed = time.perf_counter() - started
+    return {"rows": rows, "rows_per_s": round(rows / elapsed)}
+
+
+def wrk(url: str, script: Path) -> dict:
+    done = subprocess.run(
+        [*WRK, "-s", str(script), url], capture_output=True, text=True, check=True
+    )
+    out = done.stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    lat = {p: re.search(rf"\s{p}%\s+([\d.]+\w+)", out).group(1) for p in ("50", "90", "99")}
+    return {
+        "requests_per_s": round(rate),
+        "requests": total,
+        "non_2xx": int(bad.group(1)) if bad else 0,
+        "socket_errors": errors.group(1) if errors else "",
+        "latency": lat,
+    }
+
+
+def lua(token: str) -> Path:
+    script = Path(RESULTS / ".post.lua")
+    script.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.body = \'{"cpu": 12.5, "mem": 61.0, "temp_c": 48.2}\'\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {token}"\n'
+    )
+    return script
+
+
+def uvicorn_ceiling(token: str) -> dict:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.bare_app:app",
+            "--port",
+            str(BARE_PORT),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        cwd=Path(__file__).parent.parent,
+    )
+    try:
+        time.sleep(2)
+        return wrk(f"http://127.0.0.1:{BARE_PORT}/api/v1/devices/bare/heartbeats", lua(token))
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+# ---- end to end -------------------------------------------------------------------------------
+
+
+def mqtt_end_to_end(stack: LocalStack) -> dict:
+    creds = register(stack, f"bench-{int(time.time())}", MQTT_DEVICES)
+    ids = [c.device_id for c in creds]
+    say("  MQTT: saturating for 15 s")
+    tally = drive(stack, creds, None, WINDOW_S)
+    count = wait_drained(stack, ids, len(tally.acked))
+    rows = stored(stack, ids)
+    commits = sorted(at.timestamp() for _, at in rows)
+    span = commits[-1] - commits[0] if len(commits) > 1 else 1.0
+    sustained = len(commits) / span
+    result = {
+        "published": len(tally.sent),
+        "acknowledged": len(tally.acked),
+        "stored": count,
+        "sustained_per_s": round(sustained),
+    }
+    for share in (0.5, 0.9):
+        creds = register(stack, f"lat{int(share * 100)}-{int(time.time())}", MQTT_DEVICES)
+        ids = [c.device_id for c in creds]
+        say(f"  MQTT: {share:.0%} of sustained ({sustained * share:.0f}/s) for 15 s")
+        tally = drive(stack, creds, sustained * share, WINDOW_S)
+        count = wait_drained(stack, ids, len(tally.acked))
+        sent = tally.sent
+        latencies = [at.timestamp() - sent[m] for m, at in stored(stack, ids) if m in sent]
+        result[f"at_{int(share * 100)}pct"] = {
+            "rate_per_s": round(len(tally.acked) / WINDOW_S),
+            "acknowledged": len(tally.acked),
+            "stored": count,
+            **{k: round(v * 1000, 1) for k, v in percentiles(latencies).items()},
+        }
+    return result
+
+
+def worker_drain(stack: LocalStack, messages: int = 50_000) -> dict:
+    """A backlog of canonical messages on the work queue, drained by the worker alone."""
+    stack.stop_app("worker")
+    device = f"drain-{int(time.time())}"
+
+    async def fill() -> None:
+        async with await aio_pika.connect(stack.amqp_url) as conn:
+            publisher = await Publisher.open(conn, timeout=30)
+            payload = HeartbeatPayload(metrics={"cpu": 12.5, "mem": 61.0})
+            pending = []
+            for i in range(messages):
+                beat = Heartbeat.from_payload(
+                    device, payload.model_copy(update={"msg_id": f"d-{i}"}), Source.MQTT
+                )
+                pending.append(publisher.publish_work(beat))
+                if len(pending) == 500:
+                    await asyncio.gather(*pending)
+                    pending = []
+            await asyncio.gather(*pending)
+
+    asyncio.run(fill())
+    started = time.monotonic()
+    stack.start_app("worker")
+    count = wait_drained(stack, [device], messages)
+    elapsed = time.monotonic() - started
+    return {"messages": messages, "stored": count, "rows_per_s": round(count / elapsed)}
+
+
+def http_end_to_end(stack: LocalStack) -> dict:
+    (cred,) = register(stack, f"http-{int(time.time())}", 1)
+    result = wrk(f"{stack.api_url}/api/v1/devices/{cred.device_id}/heartbeats", lua(cred.token))
+    accepted = result["requests"] - result["non_2xx"]
+    result["stored"] = wait_drained(stack, [cred.device_id], accepted)
+    result["accepted"] = accepted
+    return result
+
+
+def process_usage(stack: LocalStack) -> dict:
+    usage = {}
+    for name in ("bridge", "worker", "api"):
+        pid = stack.component(name).pid()
+        if pid is None:
+            continue
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        status = Path(f"/proc/{pid}/status").read_text()
+        peak = re.search(r"VmHWM:\s+(\d+) kB", status)
+        usage[name] = {
+            "cpu_s": round((int(stat[11]) + int(stat[12])) / 100, 1),
+            "peak_rss_mb": round(int(peak.group(1)) / 1024, 1) if peak else None,
+        }
+    return usage
+
+
+def main() -> int:
+    require_system_packages({"wrk": "wrk"})
+    RESULTS.mkdir(exist_ok=True)
+    stack = LocalStack.bench()
+    stack.down(echo=False)
+    started = time.monotonic()
+    try:
+        stack.up(echo=False)
+        ceiling_creds = register(stack, f"ceiling-{int(time.time())}", MQTT_DEVICES)
+        say("(a) broker alone")
+        broker = broker_ceiling(stack, ceiling_creds)
+        say("(b) PostgreSQL alone (COPY)")
+        postgres = postgres_ceiling(stack)
+        (http_cred,) = register(stack, f"bare-{int(time.time())}", 1)
+        say("(c) uvicorn alone")
+        bare = uvicorn_ceiling(http_cred.token)
+        say("MQTT end to end")
+        mqtt = mqtt_end_to_end(stack)
+        say("worker alone (draining a backlog)")
+        drain = worker_drain(stack)
+        say("HTTP end to end")
+        http = http_end_to_end(stack)
+        usage = process_usage(stack)
+    except (StackError, subprocess.CalledProcessError) as exc:
+        say(f"bench failed: {exc}")
+        return 1
+    finally:
+        stack.down(echo=False)
+    ratios = {
+        "mqtt_e2e_over_broker": round(mqtt["sustained_per_s"] / broker["consumed_per_s"], 2),
+        "http_e2e_over_uvicorn": round(http["requests_per_s"] / bare["requests_per_s"], 2),
+        "worker_over_copy": round(drain["rows_per_s"] / postgres["rows_per_s"], 2),
+    }
+    results = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.monotonic() - started),
+        "ceilings": {"broker": broker, "postgres_copy": postgres, "uvicorn": bare},
+        "mqtt": mqtt,
+        "worker": drain,
+        "http": http,
+        "processes": usage,
+        "ratios": ratios,
+        "no_loss": mqtt["stored"] >= mqtt["acknowledged"] and http["stored"] >= http["accepted"],
+    }
+    out = RESULTS / f"{datetime.now(UTC):%Y-%m-%d}-throughput.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    say(json.dumps(results, indent=2))
+    say(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
