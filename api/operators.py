@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from typing import Annotated
 
 import redis
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import StreamingResponse
+from pydantic import StringConstraints
 
 from api.auth import Operator
 from api.context import Context, DevicePath, QueryTime, context
@@ -19,6 +21,7 @@ from api.stream import OVERFLOW
 from gateway import liveness, metrics, quality, queries, registry, state
 from gateway.liveness import StatusEvent
 from gateway.messages import DeviceStatus, utcnow
+from gateway.payload import METRIC_NAME_PATTERN
 from gateway.queries import (
     MAX_PAGE,
     DeviceView,
@@ -186,6 +189,46 @@ def list_heartbeats(
             )
     except queries.BadCursor as exc:
         raise _bad_cursor(exc) from None
+
+
+@router.get(
+    "/devices/{device_id}/metrics",
+    summary="A device's metrics in time buckets (avg, min, max, count or last)",
+    responses=errors(404),
+)
+def device_metrics(
+    device_id: DevicePath,
+    ctx: Ctx,
+    name: Annotated[
+        list[Annotated[str, StringConstraints(pattern=METRIC_NAME_PATTERN)]],
+        Query(min_length=1, max_length=20, description="metric names; repeat for several"),
+    ],
+    since: QueryTime = None,
+    until: QueryTime = None,
+    bucket: Annotated[str, Query(pattern=r"^[1-9][0-9]{0,4}[smhd]$")] = "1m",
+    agg: queries.Aggregate = "avg",
+) -> queries.MetricSeries:
+    """Buckets start at multiples of the width (from 2000-01-01T00:00Z); a bucket without a
+    value of that metric is absent. Default window: the last 24 hours."""
+    until = until or utcnow()
+    since = since or until - timedelta(hours=24)
+    if since >= until:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "since must be before until")
+    with ctx.engine.connect() as conn:
+        if queries.get_device(conn, device_id) is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+        try:
+            return queries.metric_series(
+                conn,
+                device_id,
+                list(dict.fromkeys(name)),
+                since=since,
+                until=until,
+                bucket=bucket,
+                agg=agg,
+            )
+        except ValueError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
 
 
 @router.get("/fleet", summary="Counts by status, and the devices that went offline last")

@@ -38,7 +38,8 @@ MAX_INT = 2**63 - 1
 EPOCH_MS_THRESHOLD = 100_000_000_000
 
 RESERVED_FIELDS = frozenset({"ts", "seq", "msg_id", "metrics"})
-METRIC_NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+METRIC_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+METRIC_NAME_RE = re.compile(METRIC_NAME_PATTERN[1:-1])
 
 
 def _metric_value(value: Any) -> bool | int | float | str:

@@ -9,12 +9,26 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import uuid
-from datetime import datetime
-from typing import Any, Generic, TypeVar
+from datetime import UTC, datetime
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import Connection, and_, case, func, literal, select, tuple_
+from sqlalchemy import (
+    Connection,
+    Float,
+    Text,
+    and_,
+    case,
+    func,
+    literal,
+    select,
+    text,
+    true,
+    tuple_,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 from sqlalchemy.sql import ColumnElement
 
 from gateway.liveness import StatusEvent
@@ -296,6 +310,88 @@ def list_events(
     items = [StatusEvent.model_validate(dict(r)) for r in rows[:limit]]
     more = len(rows) > limit
     return Page(items=items, next_cursor=encode_cursor(items[-1].id) if more else None)
+
+
+#: Bucket widths `GET /devices/{id}/metrics` accepts: a number and a unit (s, m, h, d).
+BUCKET_RE = re.compile(r"^([1-9][0-9]{0,4})([smhd])$")
+UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_BUCKETS = 10_000
+BUCKET_ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
+Aggregate = Literal["avg", "min", "max", "count", "last"]
+
+
+class MetricPoint(BaseModel):
+    #: Start of the bucket.
+    t: datetime
+    value: MetricValue | None
+
+
+class MetricSeries(BaseModel):
+    """Time buckets computed in PostgreSQL (`date_bin`); buckets without data are absent."""
+
+    device_id: str
+    bucket: str
+    agg: Aggregate
+    since: datetime
+    until: datetime
+    series: dict[str, list[MetricPoint]]
+
+
+def bucket_seconds(bucket: str) -> int:
+    match = BUCKET_RE.fullmatch(bucket)
+    if match is None:
+        raise ValueError(f"bucket {bucket[:20]!r} is not a number and a unit, e.g. 30s, 1m, 1h, 1d")
+    return int(match.group(1)) * UNIT_SECONDS[match.group(2)]
+
+
+def metric_series(
+    conn: Connection,
+    device_id: str,
+    names: list[str],
+    *,
+    since: datetime,
+    until: datetime,
+    bucket: str,
+    agg: Aggregate,
+) -> MetricSeries:
+    """One query for every name: avg/min/max over numeric values, count of values, or the
+    last value (any type) of each bucket."""
+    width = bucket_seconds(bucket)
+    if (until - since).total_seconds() / width > MAX_BUCKETS:
+        raise ValueError(f"more than {MAX_BUCKETS} buckets: widen the bucket or narrow the window")
+    h = heartbeats.c
+    name = func.unnest(literal(names, ARRAY(Text))).table_valued("name").render_derived()
+    value = h.metrics[name.c.name]
+    number = case(
+        (func.jsonb_typeof(value) == "number", h.metrics[name.c.name].astext.cast(Float)),
+    )
+    start = func.date_bin(func.make_interval(0, 0, 0, 0, 0, 0, width), h.received_at, BUCKET_ORIGIN)
+    aggregate = {
+        "avg": func.avg(number),
+        "min": func.min(number),
+        "max": func.max(number),
+        "count": func.count(value),
+        "last": func.array_agg(aggregate_order_by(value, h.received_at.desc()))[1],
+    }[agg]
+    rows = conn.execute(
+        select(name.c.name, start.label("t"), aggregate.label("value"))
+        .select_from(heartbeats)
+        .join(name, true())
+        .where(
+            h.device_id == device_id,
+            h.received_at >= since,
+            h.received_at < until,
+            h.metrics.has_key(name.c.name),
+        )
+        .group_by(name.c.name, text("t"))
+        .order_by(name.c.name, text("t"))
+    ).all()
+    series: dict[str, list[MetricPoint]] = {n: [] for n in names}
+    for metric, t, v in rows:
+        series[metric].append(MetricPoint(t=t, value=v))
+    return MetricSeries(
+        device_id=device_id, bucket=bucket, agg=agg, since=since, until=until, series=series
+    )
 
 
 # ---- dead letters -----------------------------------------------------------------------------
