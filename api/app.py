@@ -67,7 +67,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logs.configure(settings.log_level, settings.log_format)  # also in uvicorn's workers
-        engine = make_engine(str(settings.database_url), pool_size=10)
+        engine = make_engine(str(settings.database_url), pool_size=4, pre_ping=False)
+        reads = make_engine(
+            str(settings.database_url), pool_size=10, pre_ping=False, autocommit=True
+        )
         cache = redis.Redis.from_url(
             str(settings.redis_url), socket_timeout=1, socket_connect_timeout=1
         )
@@ -76,13 +79,16 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             publisher = await Publisher.open(connection, timeout=settings.api_confirm_timeout_s)
             stream = StatusStream(engine.url)
             stream.start()
-            app.state.context = Context(settings, engine, cache, connection, publisher, stream)
+            app.state.context = Context(
+                settings, engine, cache, connection, publisher, stream, reads
+            )
             log.info("api ready")
             yield
             stream.stop()
         finally:
             await connection.close()
             engine.dispose()
+            reads.dispose()
             cache.close()
 
     app = FastAPI(

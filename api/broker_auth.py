@@ -68,7 +68,7 @@ router_dependencies = [Depends(internal_only)]
 async def user(request: Request, ctx: Annotated[Context, Depends(context)]) -> PlainTextResponse:
     async def check(form: dict[str, str]) -> bool:
         def run() -> registry.Verdict:
-            with ctx.engine.connect() as conn:
+            with ctx.reads.connect() as conn:
                 return registry.authenticate(conn, form["username"], form.get("password", ""))
 
         verdict = await asyncio.to_thread(run)

@@ -30,6 +30,8 @@ class Context:
     connection: aio_pika.abc.AbstractRobustConnection
     publisher: Publisher
     stream: StatusStream
+    #: A pool of autocommit connections for reads: one round trip each (no BEGIN, no ROLLBACK).
+    reads: Engine
     redis_breaker: Breaker = field(default_factory=Breaker)
 
 

@@ -121,7 +121,7 @@ async def authenticate_device(
         )
 
     def lookup() -> registry.Identity | None:
-        with ctx.engine.connect() as conn:
+        with ctx.reads.connect() as conn:
             return registry.identify(conn, credentials.credentials)
 
     identity = await asyncio.to_thread(lookup)

@@ -57,7 +57,7 @@ def list_devices(
     cursor: Cursor = None,
 ) -> Page[DeviceView]:
     try:
-        with ctx.engine.connect() as conn:
+        with ctx.reads.connect() as conn:
             return queries.list_devices(
                 conn,
                 status=status_,
@@ -143,7 +143,7 @@ def get_device(device_id: DevicePath, ctx: Ctx) -> DeviceView:
     """State from Redis (PostgreSQL when Redis is down), link quality over the last hour."""
     now = utcnow()
     device = _cached_state(ctx, device_id)
-    with ctx.engine.connect() as conn:
+    with ctx.reads.connect() as conn:
         if device is None:
             device = queries.get_device(conn, device_id)
         if device is None:
@@ -181,7 +181,7 @@ def list_heartbeats(
     cursor: Cursor = None,
 ) -> Page[HeartbeatRecord]:
     try:
-        with ctx.engine.connect() as conn:
+        with ctx.reads.connect() as conn:
             if queries.get_device(conn, device_id) is None:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
             return queries.list_heartbeats(
@@ -214,7 +214,7 @@ def device_metrics(
     since = since or until - timedelta(hours=24)
     if since >= until:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "since must be before until")
-    with ctx.engine.connect() as conn:
+    with ctx.reads.connect() as conn:
         if queries.get_device(conn, device_id) is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
         try:
@@ -233,7 +233,7 @@ def device_metrics(
 
 @router.get("/fleet", summary="Counts by status, and the devices that went offline last")
 def fleet(ctx: Ctx, recent: Annotated[int, Query(ge=0, le=100)] = 10) -> Fleet:
-    with ctx.engine.connect() as conn:
+    with ctx.reads.connect() as conn:
         return queries.fleet_counts(conn, recent=recent)
 
 
@@ -246,7 +246,7 @@ def list_events(
     device_id: DevicePath, ctx: Ctx, limit: Limit = 100, cursor: Cursor = None
 ) -> Page[StatusEvent]:
     try:
-        with ctx.engine.connect() as conn:
+        with ctx.reads.connect() as conn:
             if queries.get_device(conn, device_id) is None:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
             return queries.list_events(conn, device_id, limit=limit, cursor=cursor)
@@ -307,7 +307,7 @@ def list_rejected(
     cursor: Cursor = None,
 ) -> Page[RejectedRecord]:
     try:
-        with ctx.engine.connect() as conn:
+        with ctx.reads.connect() as conn:
             return queries.list_rejected(
                 conn,
                 device_id=device_id,

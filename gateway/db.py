@@ -11,12 +11,18 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 
-def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+def make_engine(
+    url: str, *, pool_size: int = 5, pre_ping: bool = True, autocommit: bool = False
+) -> Engine:
+    """A pooled engine. `pre_ping` costs a round trip per checkout: right for a worker's batch,
+    too dear for a request path (a dead connection there costs one 503 and is replaced).
+    `autocommit` suits single-statement reads: no BEGIN and no ROLLBACK around them."""
     return create_engine(
         url,
+        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_recycle=1800,
         connect_args={"connect_timeout": 5, "application_name": "heartbeat-gateway"},
     )

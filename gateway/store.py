@@ -64,19 +64,27 @@ def write_batch(
         ]
         result.inserted = len(conn.execute(stmt, rows).all())
         result.duplicates = len(beats) - result.inserted
-    before = liveness.lock_statuses(conn, [m.device_id for m in (*beats, *statuses)])
-    liveness_args = {"default_interval_s": default_interval_s, "offline_factor": offline_factor}
+    status = liveness.lock_statuses(conn, [m.device_id for m in (*beats, *statuses)])
     states: dict[str, DeviceState] = {}
+
+    def changed(new_states: list[DeviceState]) -> None:
+        # Each step's changes are events of their own: a heartbeat and a Last Will in the same
+        # batch are two events (online, then offline), not one.
+        result.events += liveness.record_changes(conn, status, new_states)
+        for state in new_states:
+            status[state.device_id] = state.status
+            states[state.device_id] = state
+
+    liveness_args = {"default_interval_s": default_interval_s, "offline_factor": offline_factor}
     if beats:
-        states.update((s.device_id, s) for s in _upsert_seen(conn, beats, **liveness_args))
+        changed(_upsert_seen(conn, beats, **liveness_args))
     online = [s for s in statuses if s.status == DeviceStatus.ONLINE]
     if online:
-        states.update((s.device_id, s) for s in _upsert_seen(conn, online, **liveness_args))
+        changed(_upsert_seen(conn, online, **liveness_args))
     offline = [s for s in statuses if s.status == DeviceStatus.OFFLINE]
     if offline:
-        states.update((s.device_id, s) for s in _apply_offline(conn, offline))
+        changed(_apply_offline(conn, offline))
     result.states = list(states.values())
-    result.events = liveness.record_changes(conn, before, result.states)
     return result
 
 

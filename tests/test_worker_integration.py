@@ -13,7 +13,7 @@ import redis
 from sqlalchemy import Engine, func, select, text
 from support import apoll, serving, unique
 
-from gateway import state, topology
+from gateway import state, store, topology
 from gateway.broker import Publisher
 from gateway.messages import Heartbeat, Source, StatusReport
 from gateway.payload import HeartbeatPayload
@@ -196,3 +196,23 @@ def _rejected(engine: Engine, device: str) -> list:
 
 class _none:
     status = None
+
+
+def test_a_heartbeat_and_a_last_will_in_one_batch_are_two_events(engine: Engine) -> None:
+    device = unique()
+    hb = beat(device, "m-1", T0)
+    will = StatusReport(
+        device_id=device,
+        status="offline",
+        source=Source.MQTT,
+        received_at=T0 + timedelta(seconds=1),
+    )
+    with engine.begin() as conn:
+        result = store.write_batch(conn, [hb], [will])
+    assert [(e.from_status, e.to_status, e.reason) for e in result.events] == [
+        ("never_seen", "online", "heartbeat"),
+        ("online", "offline", "last_will"),
+    ]
+    # Replaying the batch (a redelivery) changes nothing and records nothing.
+    with engine.begin() as conn:
+        assert store.write_batch(conn, [hb], [will]).events == []
