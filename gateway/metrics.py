@@ -43,5 +43,10 @@ AUTH_FAILURES = Counter(
 STATUS_CHANGES = Counter(
     "gateway_status_changes_total", "Device status changes", ["to_status", "reason"]
 )
+QUEUE_DEPTH = Gauge(
+    "gateway_queue_depth",
+    "Messages waiting in a gateway queue (consumer lag), as the broker counts them",
+    ["queue"],
+)
 SWEEPER_LEADER = Gauge("gateway_sweeper_leader", "1 while this worker is the one sweeper")
 IN_FLIGHT = Gauge("gateway_in_flight_messages", "Messages taken but not yet acknowledged")

@@ -252,3 +252,17 @@ def test_readme_provisioning_block_works_as_written(apps, api) -> None:
     assert '"id":' in done.stdout
     stored = poll(lambda: len(history(api, device)) == 2 and history(api, device), what="2 rows")
     assert sorted(h["source"] for h in stored) == ["http", "mqtt"]
+
+
+def test_worker_reports_queue_depths(apps) -> None:
+    def depths() -> dict[str, float]:
+        text = httpx.get(f"http://127.0.0.1:{apps.ports.worker_health}/metrics").text
+        return {
+            line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("gateway_queue_depth{")
+        }
+
+    found = poll(lambda: len(d := depths()) == 3 and d, timeout=20, what="three queue depths")
+    assert set(found) == {"gateway.mqtt.inbox", "gateway.heartbeats", "gateway.rejected"}
+    assert all(value >= 0 for value in found.values())

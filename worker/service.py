@@ -180,6 +180,22 @@ class Worker:
             if self._needs_rebuild and self.breaker.allow():
                 await asyncio.to_thread(self._mirror, [])
 
+    async def _watch_queues(self, stop: asyncio.Event, every_s: float = 5.0) -> None:
+        """Consumer lag: how many messages wait in each queue (a passive declare; ready
+        messages, so not the ones a consumer holds)."""
+        assert self._connection is not None
+        channel = await self._connection.channel()
+        while not stop.is_set():
+            for name in (topology.MQTT_INBOX_QUEUE, topology.WORK_QUEUE, topology.REJECTED_QUEUE):
+                try:
+                    queue = await channel.declare_queue(name, passive=True)
+                except Exception:  # the broker is away: report nothing rather than stale counts
+                    metrics.QUEUE_DEPTH.labels(name).set(float("nan"))
+                    continue
+                metrics.QUEUE_DEPTH.labels(name).set(queue.declaration_result.message_count)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every_s)
+
     def _rebuild(self) -> None:
         started = time.perf_counter()
         with self.engine.connect() as conn:
@@ -280,6 +296,7 @@ class Worker:
                 tasks.create_task(work.run(self._stopping), name="batches:heartbeats")
                 tasks.create_task(dead.run(self._stopping), name="batches:rejected")
                 tasks.create_task(self._keep_mirror(self._stopping), name="redis:mirror")
+                tasks.create_task(self._watch_queues(self._stopping), name="queues:depth")
                 tasks.create_task(sweeper.run(self._stopping), name="sweeper")
                 await stop.wait()
                 log.info("stopping: no new messages; flushing %d", work.pending + dead.pending)
