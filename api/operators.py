@@ -18,7 +18,7 @@ from api.auth import Operator
 from api.context import Context, DevicePath, QueryTime, context
 from api.responses import errors
 from api.stream import OVERFLOW
-from gateway import liveness, metrics, quality, queries, registry, state
+from gateway import metrics, quality, queries, registry, state
 from gateway.liveness import StatusEvent
 from gateway.messages import DeviceStatus, utcnow
 from gateway.payload import METRIC_NAME_PATTERN
@@ -275,13 +275,11 @@ async def stream_events(request: Request, ctx: Ctx) -> StreamingResponse:
                 except TimeoutError:
                     yield ": keep-alive\n\n"
                     continue
-                if item is None:
+                if item is None:  # the api is stopping
                     return
+                yield item
                 if item is OVERFLOW:
-                    yield "event: overflow\ndata: {}\n\n"
                     return
-                event = liveness.decode(item)
-                yield f"id: {event.id}\nevent: status\ndata: {item}\n\n"
         finally:
             ctx.stream.unsubscribe(queue)
 

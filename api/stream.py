@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import select
 import threading
@@ -23,7 +24,8 @@ from gateway import liveness
 log = logging.getLogger(__name__)
 
 CLIENT_QUEUE = 1000
-OVERFLOW = object()
+#: The last frame a client that fell behind gets.
+OVERFLOW = "event: overflow\ndata: {}\n\n"
 
 
 class StatusStream:
@@ -55,9 +57,11 @@ class StatusStream:
         self._clients.discard(queue)
 
     def _publish(self, payload: str) -> None:
+        """Frame the event once, then hand the same frame to every client."""
+        frame = f"id: {json.loads(payload)['id']}\nevent: status\ndata: {payload}\n\n"
         for queue in list(self._clients):
             try:
-                queue.put_nowait(payload)
+                queue.put_nowait(frame)
             except asyncio.QueueFull:  # a slow client: tell it, drop it, never wait for it
                 self._clients.discard(queue)
                 with contextlib.suppress(asyncio.QueueEmpty):

@@ -9,7 +9,6 @@ PostgreSQL NOTIFY on commit, so the api streams exactly what was stored.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Literal
 
@@ -112,7 +111,3 @@ def sweep(conn: Connection, limit: int = 5000) -> tuple[list[DeviceState], list[
     states = [DeviceState.from_row(row) for row in changed]
     before = {state.device_id: DeviceStatus.ONLINE for state in states}
     return states, record_changes(conn, before, states)
-
-
-def decode(payload: str) -> StatusEvent:
-    return StatusEvent.model_validate(json.loads(payload))

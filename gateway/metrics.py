@@ -49,4 +49,3 @@ QUEUE_DEPTH = Gauge(
     ["queue"],
 )
 SWEEPER_LEADER = Gauge("gateway_sweeper_leader", "1 while this worker is the one sweeper")
-IN_FLIGHT = Gauge("gateway_in_flight_messages", "Messages taken but not yet acknowledged")

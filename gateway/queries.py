@@ -264,34 +264,55 @@ def list_heartbeats(
 ) -> Page[HeartbeatRecord]:
     """Newest first, by receive time."""
     h = heartbeats.c
-    query = (
-        select(
-            h.id,
-            h.device_id,
-            h.msg_id,
-            h.seq,
-            h.device_ts.label("ts"),
-            h.received_at,
-            h.stored_at,
-            h.source,
-            h.metrics,
-        )
-        .where(h.device_id == device_id)
-        .order_by(h.received_at.desc(), h.id.desc())
-        .limit(limit + 1)
+    query = select(
+        h.id,
+        h.device_id,
+        h.msg_id,
+        h.seq,
+        h.device_ts.label("ts"),
+        h.received_at,
+        h.stored_at,
+        h.source,
+        h.metrics,
+    ).where(h.device_id == device_id, *received_between(h.received_at, since, until))
+    return _newest_first(
+        conn,
+        query,
+        h.received_at,
+        h.id,
+        limit=limit,
+        cursor=cursor,
+        item=lambda row: HeartbeatRecord.model_validate(dict(row)),
     )
-    if since is not None:
-        query = query.where(h.received_at >= since)
-    if until is not None:
-        query = query.where(h.received_at < until)
+
+
+def received_between(column: Any, since: datetime | None, until: datetime | None) -> list:
+    """`since <= column < until`, either end open."""
+    return [
+        *([column >= since] if since is not None else []),
+        *([column < until] if until is not None else []),
+    ]
+
+
+def _newest_first(
+    conn: Connection,
+    query: Any,
+    at: Any,
+    key: Any,
+    *,
+    limit: int,
+    cursor: str | None,
+    item: Any,
+) -> Page:
+    """A keyset page of `query`, newest first by (`at`, `key`): the same cost on any page."""
+    query = query.order_by(at.desc(), key.desc()).limit(limit + 1)
     if cursor:
-        query = query.where(tuple_(h.received_at, h.id) < _time_id(cursor))
+        query = query.where(tuple_(at, key) < _time_id(cursor))
     rows = conn.execute(query).mappings().all()
-    items = [HeartbeatRecord.model_validate(dict(r)) for r in rows[:limit]]
-    more = len(rows) > limit
+    items = [item(row) for row in rows[:limit]]
+    last = rows[limit - 1] if len(rows) > limit else None
     return Page(
-        items=items,
-        next_cursor=encode_cursor(items[-1].received_at, items[-1].id) if more else None,
+        items=items, next_cursor=encode_cursor(last[at.key], last[key.key]) if last else None
     )
 
 
@@ -408,25 +429,23 @@ def list_rejected(
     cursor: str | None = None,
 ) -> Page[RejectedRecord]:
     """Newest first."""
+    query = select(rejected).where(*rejected_conditions(device_id, reason, since, until))
     r = rejected.c
-    query = select(rejected).order_by(r.received_at.desc(), r.id.desc()).limit(limit + 1)
-    if device_id is not None:
-        query = query.where(r.device_id == device_id)
-    if reason is not None:
-        query = query.where(r.reason == reason)
-    if since is not None:
-        query = query.where(r.received_at >= since)
-    if until is not None:
-        query = query.where(r.received_at < until)
-    if cursor:
-        query = query.where(tuple_(r.received_at, r.id) < _time_id(cursor))
-    rows = conn.execute(query).mappings().all()
-    items = [_rejected_record(row) for row in rows[:limit]]
-    more = len(rows) > limit
-    return Page(
-        items=items,
-        next_cursor=encode_cursor(items[-1].received_at, items[-1].id) if more else None,
+    return _newest_first(
+        conn, query, r.received_at, r.id, limit=limit, cursor=cursor, item=_rejected_record
     )
+
+
+def rejected_conditions(
+    device_id: str | None, reason: str | None, since: datetime | None, until: datetime | None
+) -> list:
+    """Dead-letter filters, shared by the API and `gateway rejected`."""
+    r = rejected.c
+    return [
+        *([r.device_id == device_id] if device_id is not None else []),
+        *([r.reason == reason] if reason is not None else []),
+        *received_between(r.received_at, since, until),
+    ]
 
 
 def _rejected_record(row: Any) -> RejectedRecord:

@@ -19,6 +19,7 @@ from gateway.convert import Forward, Ignore, Reject, convert
 from gateway.errors import InputError, Reason
 from gateway.messages import Heartbeat, Source, StatusReport, decode_work, utcnow
 from gateway.payload import describe_validation_error, parse_payload
+from gateway.queries import rejected_conditions
 from gateway.schema import rejected
 from gateway.topics import mqtt_topic
 
@@ -44,15 +45,14 @@ class Plan:
 
 def select_entries(conn: Connection, filters: Filters) -> list:
     r = rejected.c
-    query = select(rejected).order_by(r.received_at, r.id).limit(filters.limit)
-    if filters.device_id is not None:
-        query = query.where(r.device_id == filters.device_id)
-    if filters.reason is not None:
-        query = query.where(r.reason == filters.reason)
-    if filters.since is not None:
-        query = query.where(r.received_at >= filters.since)
-    if filters.until is not None:
-        query = query.where(r.received_at < filters.until)
+    query = (
+        select(rejected)
+        .where(
+            *rejected_conditions(filters.device_id, filters.reason, filters.since, filters.until)
+        )
+        .order_by(r.received_at, r.id)
+        .limit(filters.limit)
+    )
     if filters.ids:
         query = query.where(r.id.in_(filters.ids))
     if not filters.include_replayed:

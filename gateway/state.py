@@ -119,13 +119,11 @@ class Breaker:
         self._max = max_cooldown_s
         self._cooldown = cooldown_s
         self._open_until = 0.0
-        self.failures = 0
 
     def allow(self) -> bool:
         return time.monotonic() >= self._open_until
 
     def failed(self) -> None:
-        self.failures += 1
         self._open_until = time.monotonic() + self._cooldown
         self._cooldown = min(self._cooldown * 2, self._max)
 

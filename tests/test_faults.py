@@ -22,7 +22,7 @@ import httpx
 import pytest
 import redis
 from sqlalchemy import Engine, func, select
-from support import poll, unique
+from support import Device, mqtt_session, poll, publish_acked, unique
 
 from gateway import registry, state
 from gateway.localstack import LocalStack
@@ -89,6 +89,22 @@ class Load:
         self.mqtt.stop(settle_s=0)
         self.http.stop(settle_s=0)
 
+    def _send_markers(self) -> set[str]:
+        """One heartbeat down each path, after the load (not part of the verdict)."""
+        mqtt_device, http_device = self.mqtt.devices[0], self.http.devices[0]
+        mqtt_marker, http_marker = f"marker-mqtt-{unique()}", f"marker-http-{unique()}"
+        device = Device(mqtt_device.device_id, mqtt_device.token)
+        with mqtt_session(self.stack.ports.mqtt, device) as client:
+            body = json.dumps({"msg_id": mqtt_marker}).encode()
+            assert publish_acked(client, f"devices/{device.device_id}/heartbeat", body)
+        response = httpx.post(
+            f"{self.stack.api_url}/api/v1/devices/{http_device.device_id}/heartbeats",
+            json={"msg_id": http_marker},
+            headers={"Authorization": f"Bearer {http_device.token}"},
+        )
+        assert response.status_code == 202, response.text
+        return {mqtt_marker, http_marker}
+
     def fault(self) -> None:
         self.fault_at = time.time()
 
@@ -117,8 +133,11 @@ class Load:
         deadline = time.monotonic() + drain_timeout
         while not acked.keys() <= stored_rows().keys() and time.monotonic() < deadline:
             time.sleep(0.5)
-        time.sleep(1)  # anything still in flight lands now; it must not be a duplicate
-        rows = stored_rows()
+        # One last heartbeat down each path: once both are stored, what was queued before them
+        # has been through too, and a late duplicate would show now.
+        markers = self._send_markers()
+        poll(lambda: markers <= stored_rows().keys(), timeout=60, what="the markers")
+        rows = {m: v for m, v in stored_rows().items() if m not in markers}
         # Recovery: the longest time after the fault during which no heartbeat of a path
         # (MQTT or HTTP) was committed, on the slower path.
         fault_at = self.fault_at or 0.0

@@ -194,7 +194,9 @@ def test_status_message_online_is_online_at_once(apps, api, device: Device) -> N
 
 def test_changing_the_interval_moves_the_deadline(apps, api, register) -> None:
     device = register("slow", heartbeat_interval_s=1)
+    control = register("control", heartbeat_interval_s=1)  # keeps the old interval
     beat(apps, device)
+    beat(apps, control)
     poll(
         lambda: api.get(f"/api/v1/devices/{device.device_id}").json()["status"] == "online",
         what="online",
@@ -204,8 +206,14 @@ def test_changing_the_interval_moves_the_deadline(apps, api, register) -> None:
     body = changed.json()
     assert body["heartbeat_interval_s"] == 600
     assert at(body["offline_deadline"]) - at(body["last_seen"]) == timedelta(seconds=1800)
-    time.sleep(4)  # past the old deadline (3 s): the device must still be online
+    # Once the sweeper has taken the control device offline, the old deadline is past too.
+    poll(
+        lambda: (e := events(api, control.device_id)) and e[0]["reason"] == "timeout",
+        timeout=15,
+        what="the control device swept",
+    )
     assert api.get(f"/api/v1/devices/{device.device_id}").json()["status"] == "online"
+    assert all(e["reason"] != "timeout" for e in events(api, device.device_id))
 
 
 def metric(stack: LocalStack, name: str, metric_name: str) -> float:
@@ -347,7 +355,7 @@ def test_a_slow_stream_client_is_dropped_not_waited_for() -> None:
         slow = stream.subscribe()
         fast = stream.subscribe()
         for i in range(CLIENT_QUEUE + 5):
-            stream._publish(f'{{"n": {i}}}')
+            stream._publish(f'{{"id": {i}}}')
             if not fast.empty():
                 fast.get_nowait()  # this one keeps up
         items = [slow.get_nowait() for _ in range(slow.qsize())]

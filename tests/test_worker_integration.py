@@ -84,6 +84,10 @@ def test_redelivery_and_repeated_msg_id_are_stored_once(vhost: str, stack, engin
     # The device retried: same msg_id, received later, other values: still the same heartbeat.
     retried = beat(device, "m-1", T0 + timedelta(seconds=5), cpu=2.0)
     later = beat(device, "m-2", T0 + timedelta(seconds=10), cpu=3.0)
+    # Stored after whatever was queued before it (one consumer, in order): once it is there,
+    # nothing published earlier is still on its way. Received earlier than `later`, it must not
+    # move the device's state back.
+    marker = beat(device, "m-3", T0 + timedelta(seconds=7), cpu=9.0)
 
     async def scenario() -> None:
         async with await aio_pika.connect_robust(vhost) as conn:
@@ -92,10 +96,10 @@ def test_redelivery_and_repeated_msg_id_are_stored_once(vhost: str, stack, engin
                 for hb in (original, original, retried, original, later):
                     await publisher.publish_work(hb)
                 await apoll(lambda: count_rows(engine, device) == 2, what="2 rows")
-                await asyncio.sleep(0.3)  # any late duplicate would land now
                 # A redelivery after everything was stored changes nothing either.
                 await publisher.publish_work(original)
-                await asyncio.sleep(0.3)
+                await publisher.publish_work(marker)
+                await apoll(lambda: count_rows(engine, device) == 3, what="the marker stored")
 
     asyncio.run(scenario())
     with engine.connect() as conn:
@@ -105,7 +109,8 @@ def test_redelivery_and_repeated_msg_id_are_stored_once(vhost: str, stack, engin
             )
         ).all()
         dev = conn.execute(select(devices).where(devices.c.device_id == device)).mappings().one()
-    assert sorted(r.msg_id for r in rows) == ["m-1", "m-2"]
+    assert sorted(r.msg_id for r in rows if r.msg_id != marker.msg_id) == ["m-1", "m-2"]
+    assert {r.msg_id: r.metrics for r in rows}["m-1"] == {"cpu": 1.0}  # the first one stands
     assert dev["last_seen"] == later.received_at
 
 
