@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     commands.add_parser("migrate", help="apply database migrations (GATEWAY_DATABASE_URL)")
+    commands.add_parser(
+        "maintain",
+        help="create heartbeat partitions ahead, drop those past GATEWAY_RETENTION_DAYS",
+    )
     commands.add_parser("definitions", help="print rabbitmq/definitions.json from the topology")
 
     args = parser.parse_args(argv)
@@ -101,6 +105,25 @@ def _run(args: argparse.Namespace) -> int:
 
         migrate(str(CommonSettings().database_url))
         print("database schema is up to date")
+        return 0
+    if args.command == "maintain":
+        from gateway import partitions
+        from gateway.db import make_engine
+        from gateway.settings import WorkerSettings, load
+
+        settings = load(WorkerSettings)
+        engine = make_engine(str(settings.database_url), pool_size=1)
+        done = partitions.run(
+            engine,
+            ahead_days=settings.partitions_ahead_days,
+            retention_days=settings.retention_days,
+        )
+        engine.dispose()
+        print(
+            f"partitions created: {', '.join(done.created) or 'none'}; "
+            f"dropped: {', '.join(done.dropped) or 'none'}"
+            + ("; another maintenance run holds the lock, nothing done" if done.skipped else "")
+        )
         return 0
     if args.command == "definitions":
         from gateway.topology import render_definitions

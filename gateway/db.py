@@ -10,6 +10,8 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from gateway.partitions import DayTurned
+
 
 def make_engine(
     url: str, *, pool_size: int = 5, pre_ping: bool = True, autocommit: bool = False
@@ -47,7 +49,7 @@ TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "53", "57", "40"})
 
 def is_transient(exc: SQLAlchemyError) -> bool:
     """A lost connection or a database that is down: retry later, don't blame the message."""
-    if isinstance(exc, PoolTimeout):
+    if isinstance(exc, PoolTimeout | DayTurned):
         return True
     if not isinstance(exc, DBAPIError):
         return False  # e.g. a value the driver cannot send: the message is at fault

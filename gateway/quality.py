@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from pydantic import BaseModel
 from sqlalchemy import Connection, select
 
+from gateway.partitions import stored_since
 from gateway.schema import heartbeats
 
 WINDOW = timedelta(hours=1)
@@ -69,7 +70,12 @@ def link_quality(conn: Connection, device_id: str, now: datetime) -> LinkQuality
     h = heartbeats.c
     rows = conn.execute(
         select(h.seq, h.device_ts, h.received_at)
-        .where(h.device_id == device_id, h.received_at >= now - WINDOW, h.received_at <= now)
+        .where(
+            h.device_id == device_id,
+            h.received_at >= now - WINDOW,
+            h.received_at <= now,
+            *stored_since(now - WINDOW),
+        )
         .order_by(h.received_at)
     ).all()
     return compute([tuple(r) for r in rows], WINDOW)

@@ -33,6 +33,7 @@ from sqlalchemy.sql import ColumnElement
 
 from gateway.liveness import StatusEvent
 from gateway.messages import DeviceStatus, show_bytes, utcnow
+from gateway.partitions import stored_since
 from gateway.payload import MetricValue
 from gateway.quality import LinkQuality
 from gateway.schema import device_events, devices, heartbeats, rejected
@@ -274,7 +275,11 @@ def list_heartbeats(
         h.stored_at,
         h.source,
         h.metrics,
-    ).where(h.device_id == device_id, *received_between(h.received_at, since, until))
+    ).where(
+        h.device_id == device_id,
+        *received_between(h.received_at, since, until),
+        *stored_since(since),
+    )
     return _newest_first(
         conn,
         query,
@@ -400,8 +405,8 @@ def metric_series(
         .join(name, true())
         .where(
             h.device_id == device_id,
-            h.received_at >= since,
-            h.received_at < until,
+            *received_between(h.received_at, since, until),
+            *stored_since(since),
             h.metrics.has_key(name.c.name),
         )
         .group_by(name.c.name, text("t"))

@@ -6,6 +6,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Date,
     DateTime,
     Identity,
     Index,
@@ -59,10 +60,12 @@ devices = Table(
 )
 
 #: Every stored heartbeat. `id` is derived from (device_id, msg_id), so a retry lands once.
+#: Partitioned by day stored (`gateway.partitions` explains how the id stays unique across days).
 heartbeats = Table(
     "heartbeats",
     metadata,
     Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("stored_on", Date, primary_key=True),
     Column("device_id", Text, nullable=False),
     Column("msg_id", Text, nullable=False),
     Column("seq", BigInteger),
@@ -72,6 +75,7 @@ heartbeats = Table(
     Column("source", Text, nullable=False),
     Column("metrics", JSONB, nullable=False),
     Index("ix_heartbeats_device_received", "device_id", "received_at", "id"),
+    postgresql_partition_by="RANGE (stored_on)",
 )
 
 #: Dead letters: input that could not become (or be stored as) a heartbeat.

@@ -57,6 +57,11 @@ class WorkerSettings(CommonSettings):
     worker_sweep_period_s: float = Field(default=1.0, gt=0)
     #: Port of the worker's /healthz, /readyz and /metrics (0 = off).
     worker_health_port: int = Field(default=8011, ge=0, le=65535)
+    #: Days of heartbeats kept: older daily partitions are dropped whole (0 keeps everything).
+    retention_days: int = Field(default=30, ge=0)
+    #: Daily partitions created ahead of time, and how often the worker checks.
+    partitions_ahead_days: int = Field(default=3, ge=1)
+    maintenance_period_s: float = Field(default=3600.0, gt=0)
 
     @model_validator(mode="after")
     def _prefetch_covers_batch(self) -> WorkerSettings:

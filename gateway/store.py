@@ -1,8 +1,9 @@
 """Writes: heartbeats, device state and dead letters, one transaction per batch.
 
-Every write is idempotent. A heartbeat's primary key is derived from (device_id, msg_id), so a
-redelivered message or a retried heartbeat is stored once; device state moves only forward
-(`GREATEST` of receive times), so replaying a batch changes nothing.
+Every write is idempotent. A heartbeat's id is derived from (device_id, msg_id), so a
+redelivered message or a retried heartbeat is stored once, whichever day's partition holds it;
+device state moves only forward (`GREATEST` of receive times), so replaying a batch changes
+nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from datetime import timedelta
 from sqlalchemy import Connection, case, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
-from gateway import liveness
+from gateway import liveness, partitions
 from gateway.liveness import StatusEvent
 from gateway.messages import DeviceStatus, Heartbeat, Rejection, StatusReport
 from gateway.schema import devices, heartbeats, rejected
@@ -44,25 +45,7 @@ def write_batch(
     """
     result = BatchResult()
     if beats:
-        stmt = (
-            insert(heartbeats)
-            .on_conflict_do_nothing(index_elements=[heartbeats.c.id])
-            .returning(heartbeats.c.id)
-        )
-        rows = [
-            {
-                "id": b.id,
-                "device_id": b.device_id,
-                "msg_id": b.msg_id,
-                "seq": b.seq,
-                "device_ts": b.device_ts,
-                "received_at": b.received_at,
-                "source": b.source.value,
-                "metrics": b.metrics,
-            }
-            for b in beats
-        ]
-        result.inserted = len(conn.execute(stmt, rows).all())
+        result.inserted = _insert_heartbeats(conn, beats)
         result.duplicates = len(beats) - result.inserted
     status = liveness.lock_statuses(conn, [m.device_id for m in (*beats, *statuses)])
     states: dict[str, DeviceState] = {}
@@ -86,6 +69,41 @@ def write_batch(
         changed(_apply_offline(conn, offline))
     result.states = list(states.values())
     return result
+
+
+def _insert_heartbeats(conn: Connection, beats: Sequence[Heartbeat]) -> int:
+    """Store the heartbeats not stored yet, under today's partition; returns how many.
+
+    Copies stored today meet the primary key `(id, stored_on)`; copies stored on an earlier day
+    are looked up first (see `gateway.partitions`)."""
+    day = partitions.claim_day(conn)
+    partitions.ensure(conn, day)
+    h = heartbeats.c
+    ids = list({b.id for b in beats})
+    earlier = set(conn.scalars(select(h.id).where(h.id.in_(ids), h.stored_on < day)))
+    rows = [
+        {
+            "id": b.id,
+            "stored_on": day,
+            "device_id": b.device_id,
+            "msg_id": b.msg_id,
+            "seq": b.seq,
+            "device_ts": b.device_ts,
+            "received_at": b.received_at,
+            "source": b.source.value,
+            "metrics": b.metrics,
+        }
+        for b in beats
+        if b.id not in earlier
+    ]
+    if not rows:
+        return 0
+    stmt = (
+        insert(heartbeats)
+        .on_conflict_do_nothing(index_elements=[h.id, h.stored_on])
+        .returning(h.id)
+    )
+    return len(conn.execute(stmt, rows).all())
 
 
 def _latest(messages: Sequence[Heartbeat | StatusReport]) -> dict[str, Heartbeat | StatusReport]:

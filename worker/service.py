@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway import metrics, state, store, topology
+from gateway import metrics, partitions, state, store, topology
 from gateway.broker import Publisher, PublishFailed, ack, connect
 from gateway.db import is_transient, make_engine
 from gateway.errors import InputError, Reason
@@ -196,6 +196,23 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), every_s)
 
+    async def _maintain(self, stop: asyncio.Event) -> None:
+        """Heartbeat partitions: created ahead and dropped after the retention period, now and
+        then every `maintenance_period_s` (any worker may; one at a time)."""
+        s = self.settings
+        while not stop.is_set():
+            try:
+                await asyncio.to_thread(
+                    partitions.run,
+                    self.engine,
+                    ahead_days=s.partitions_ahead_days,
+                    retention_days=s.retention_days,
+                )
+            except SQLAlchemyError as exc:
+                log.warning("partition maintenance failed (%s); will retry", _short(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), s.maintenance_period_s)
+
     def _rebuild(self) -> None:
         started = time.perf_counter()
         with self.engine.connect() as conn:
@@ -298,6 +315,7 @@ class Worker:
                 tasks.create_task(self._keep_mirror(self._stopping), name="redis:mirror")
                 tasks.create_task(self._watch_queues(self._stopping), name="queues:depth")
                 tasks.create_task(sweeper.run(self._stopping), name="sweeper")
+                tasks.create_task(self._maintain(self._stopping), name="partitions")
                 await stop.wait()
                 log.info("stopping: no new messages; flushing %d", work.pending + dead.pending)
                 for queue, tag in consumers:
