@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run up down status test lint format bench install clean
+.PHONY: run up down status test lint format bench bench-history install clean
 
 run: install  ## Start the stack in the foreground; Ctrl-C stops everything
 	$(BIN)/gateway stack run
@@ -27,6 +27,10 @@ bench: install  ## Benchmarks on a stack of their own (loopback only); results i
 	$(BIN)/gateway stack install
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/auth_connect.py
+
+bench-history: install  ## Operator reads at 1 million and 50 million heartbeats (about 15 minutes, 20 GB)
+	$(BIN)/gateway stack install
+	$(BIN)/python bench/history.py
 
 lint: install
 	$(BIN)/ruff check .

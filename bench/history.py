@@ -1,0 +1,356 @@
+"""History at scale: the same operator reads at 1 million and at 50 million heartbeats.
+
+Generated data, loaded with COPY into the partitioned `heartbeats` of a database of its own on
+the bench stack (loopback only): 100,000 devices over 25 daily partitions, and 20 probe devices
+with one heartbeat a minute over the last day (the same in both sizes). Through the real api,
+for the probes, it times:
+
+  device page      GET /devices/{id} (state and link quality over the last hour)
+  history page 1   GET /devices/{id}/heartbeats?limit=100
+  history page 10  the same, nine cursors deep
+  one-day buckets  GET /devices/{id}/metrics?name=cpu&name=mem, 1-minute buckets over 24 h
+
+and a worker batch of 500 new heartbeats (its idempotency lookup reads every older partition).
+It reports p50 and p99 at both sizes and their ratio, writes bench/results/<date>-history.json,
+and drops its database at the end (`--keep` keeps it, and a later run reuses it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import psycopg2
+from sqlalchemy import create_engine
+
+from gateway import partitions, store
+from gateway.db import migrate
+from gateway.localstack import LocalStack, StackError
+from gateway.messages import Heartbeat, Source
+from gateway.payload import HeartbeatPayload
+from gateway.simulate import percentiles
+
+RESULTS = Path(__file__).parent / "results"
+DATABASE = "history_bench"
+DEVICES = 100_000
+DAYS = 25
+PROBES = 20
+SIZES = (1_000_000, 50_000_000)
+REQUESTS = 200
+WARMUP = 20
+PAGE = 100
+DEEP_PAGE = 10
+COLUMNS = (
+    "id, stored_on, device_id, msg_id, seq, device_ts, received_at, stored_at, source, metrics"
+)
+
+
+def say(text: str, end: str = "\n") -> None:
+    print(text, end=end, flush=True)
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+class Rows(io.RawIOBase):
+    """COPY text rows from a generator, read by psycopg2 in chunks."""
+
+    def __init__(self, lines: Iterator[str]) -> None:
+        self._lines = lines
+        self._chunk = b""
+        self._at = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self._at >= len(self._chunk):
+            text = "".join(line for _, line in zip(range(5000), self._lines, strict=False))
+            if not text:
+                return b""
+            self._chunk, self._at = text.encode(), 0
+        end = len(self._chunk) if size < 0 else self._at + size
+        out = self._chunk[self._at : end]
+        self._at = end
+        return out
+
+
+def copy(cur, lines: Iterator[str]) -> None:
+    cur.copy_expert(f"COPY heartbeats ({COLUMNS}) FROM STDIN", Rows(lines), size=1 << 20)
+
+
+def background(first: int, count: int, today: date, progress) -> Iterator[str]:
+    """`count` heartbeats of the 100,000 devices, spread over DAYS days, day by day (so COPY
+    fills one partition after another). Row `i` is the same whatever the batch."""
+    times = [f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}" for s in range(86400)]
+    metrics = [
+        json.dumps({"cpu": k * 7 % 100 + 0.5, "mem": k * 13 % 100 + 0.25, "temp_c": 40 + k % 20})
+        for k in range(1000)
+    ]
+    start_day = today - timedelta(days=DAYS - 1)
+    ids = ""
+    for n in range(count):
+        i = first + n
+        if n % 100_000 == 0:
+            ids = os.urandom(16 * 100_000).hex()
+            progress(n)
+        day = start_day + timedelta(days=n * DAYS // count)
+        at = f"{day} {times[(i * 104_729) % 86_400]}+00"
+        yield (
+            f"{ids[(n % 100_000) * 32 : (n % 100_000) * 32 + 32]}\t{day}\t"
+            f"dev-{(i * 7919) % DEVICES:06d}\tbg-{i}\t{i}\t{at}\t{at}\t{at}\tmqtt\t"
+            f"{metrics[i % 1000]}\n"
+        )
+
+
+def probe_rows(now: datetime) -> Iterator[str]:
+    """One heartbeat a minute over the last 24 hours for each probe device."""
+    for p in range(PROBES):
+        for m in range(24 * 60):
+            at = now - timedelta(minutes=m, seconds=p)
+            ts = at.isoformat()
+            payload = json.dumps({"cpu": m % 100 + 0.5, "mem": 50.0 + p, "rssi": -60 - m % 10})
+            yield (
+                f"{os.urandom(16).hex()}\t{at.date()}\tprobe-{p:02d}\tp-{m}\t{24 * 60 - m}\t"
+                f"{ts}\t{ts}\t{ts}\tmqtt\t{payload}\n"
+            )
+
+
+def without_indexes(cur, load) -> None:
+    """Bulk load the way one restores: drop the indexes, COPY, build them again per partition."""
+    cur.execute("ALTER TABLE heartbeats DROP CONSTRAINT heartbeats_pkey")
+    cur.execute("DROP INDEX ix_heartbeats_device_received")
+    load()
+    say("  building indexes")
+    cur.execute("SET maintenance_work_mem = '1GB'")
+    cur.execute("ALTER TABLE heartbeats ADD CONSTRAINT heartbeats_pkey PRIMARY KEY (id, stored_on)")
+    cur.execute(
+        "CREATE INDEX ix_heartbeats_device_received ON heartbeats (device_id, received_at, id)"
+    )
+    cur.execute("VACUUM ANALYZE heartbeats")
+
+
+def grow_to(dsn: str, size: int, now: datetime) -> float:
+    """Load heartbeats until the table holds `size` rows; returns seconds spent."""
+    started = time.monotonic()
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    cur = conn.cursor()
+    cur.execute("SELECT count(*) FROM heartbeats")
+    have = cur.fetchone()[0]
+    if have >= size:
+        return 0.0
+    today = now.date()
+    if have == 0:
+        engine = create_engine(dsn.replace("postgresql://", "postgresql+psycopg2://"))
+        with engine.begin() as sa:
+            for d in range(DAYS + 1):
+                partitions.create(sa, today - timedelta(days=DAYS - 1) + timedelta(days=d))
+            partitions.maintain(sa, ahead_days=3, retention_days=0)
+        engine.dispose()
+        cur.execute(
+            """
+            INSERT INTO devices (device_id, heartbeat_interval_s, first_seen, last_seen, status,
+                                 status_changed_at, status_reason, offline_deadline, last_metrics)
+            SELECT 'dev-' || lpad(n::text, 6, '0'), 1800, now() - interval '25 days',
+                   now() - (n % 3600) * interval '1 second',
+                   CASE WHEN n % 10 = 0 THEN 'offline' ELSE 'online' END, now(), 'heartbeat',
+                   now() + interval '1 hour', '{"cpu": 10}'
+            FROM generate_series(0, %s) AS n
+            """,
+            (DEVICES - 1,),
+        )
+        cur.execute(
+            """
+            INSERT INTO devices (device_id, heartbeat_interval_s, first_seen, last_seen, status,
+                                 status_changed_at, status_reason, offline_deadline, last_metrics)
+            SELECT 'probe-' || lpad(n::text, 2, '0'), 60, now() - interval '1 day', now(),
+                   'online', now(), 'heartbeat', now() + interval '3 minutes', '{"cpu": 10}'
+            FROM generate_series(0, %s) AS n
+            """,
+            (PROBES - 1,),
+        )
+        copy(cur, probe_rows(now))
+        have = PROBES * 24 * 60
+    count = size - have
+
+    def progress(n: int) -> None:
+        say(f"\r  COPY {n:>11,} / {count:,} rows", end="")
+
+    def load() -> None:
+        copy(cur, background(have, count, today, progress))
+        say(f"\r  COPY {count:>11,} / {count:,} rows")
+
+    without_indexes(cur, load)
+    conn.close()
+    return time.monotonic() - started
+
+
+# ---- reads ------------------------------------------------------------------------------------
+
+
+def timed(client: httpx.Client, requests: list[tuple[str, dict]]) -> dict:
+    for path, params in requests[:WARMUP]:
+        client.get(path, params=params).raise_for_status()
+    took = []
+    for path, params in requests[WARMUP:]:
+        started = time.perf_counter()
+        response = client.get(path, params=params)
+        took.append(time.perf_counter() - started)
+        response.raise_for_status()
+    return {k: round(v * 1000, 2) for k, v in percentiles(took).items()}
+
+
+def measure(stack: LocalStack, dsn: str, now: datetime) -> dict:
+    probes = [f"probe-{p % PROBES:02d}" for p in range(WARMUP + REQUESTS)]
+    headers = {"Authorization": f"Bearer {stack.operator_token()}"}
+    result = {}
+    with httpx.Client(base_url=stack.api_url + "/api/v1", headers=headers, timeout=30) as client:
+        result["device_page"] = timed(client, [(f"/devices/{d}", {}) for d in probes])
+        history = [(f"/devices/{d}/heartbeats", {"limit": PAGE}) for d in probes]
+        result["history_page_1"] = timed(client, history)
+        cursors = {}
+        for d in set(probes):
+            cursor = None
+            for _ in range(DEEP_PAGE - 1):
+                page = client.get(
+                    f"/devices/{d}/heartbeats", params={"limit": PAGE, "cursor": cursor}
+                ).json()
+                cursor = page["next_cursor"]
+            cursors[d] = cursor
+        deep = [(f"/devices/{d}/heartbeats", {"limit": PAGE, "cursor": cursors[d]}) for d in probes]
+        result[f"history_page_{DEEP_PAGE}"] = timed(client, deep)
+        window = {
+            "name": ["cpu", "mem"],
+            "since": (now - timedelta(days=1)).isoformat(),
+            "until": now.isoformat(),
+            "bucket": "1m",
+            "agg": "avg",
+        }
+        day = [(f"/devices/{d}/metrics", window) for d in probes]
+        result["one_day_buckets"] = timed(client, day)
+        sample = client.get(f"/devices/{probes[0]}/metrics", params=window).json()
+        result["one_day_buckets"]["buckets"] = len(sample["series"]["cpu"])
+    result["worker_batch_500"] = batch_writes(dsn)
+    return result
+
+
+def batch_writes(dsn: str, batches: int = 12) -> dict:
+    """A worker's write of 500 new heartbeats: the insert and the lookup of older partitions."""
+    engine = create_engine(dsn.replace("postgresql://", "postgresql+psycopg2://"))
+    took = []
+    tag = int(time.time())
+    for b in range(batches):
+        beats = [
+            Heartbeat.from_payload(
+                f"dev-{(b * 500 + i) % DEVICES:06d}",
+                HeartbeatPayload(msg_id=f"w-{tag}-{b}-{i}", metrics={"cpu": 1.0}),
+                Source.MQTT,
+            )
+            for i in range(500)
+        ]
+        started = time.perf_counter()
+        with engine.begin() as conn:
+            store.write_batch(conn, beats)
+        took.append(time.perf_counter() - started)
+    engine.dispose()
+    took = took[2:]  # the first batches warm the connection and caches
+    return {"p50": round(statistics.median(took) * 1000, 1), "max": round(max(took) * 1000, 1)}
+
+
+# ---- run --------------------------------------------------------------------------------------
+
+
+def table(results: dict) -> str:
+    small, large = (results["sizes"][str(s)] for s in SIZES)
+    lines = [
+        "| read | p50 at 1 M | p99 at 1 M | p50 at 50 M | p99 at 50 M | ratio p50 | ratio p99 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in ("device_page", "history_page_1", f"history_page_{DEEP_PAGE}", "one_day_buckets"):
+        a, b = small[name], large[name]
+        lines.append(
+            f"| {name.replace('_', ' ')} | {a['p50']} ms | {a['p99']} ms | {b['p50']} ms | "
+            f"{b['p99']} ms | {b['p50'] / a['p50']:.2f} | {b['p99'] / a['p99']:.2f} |"
+        )
+    a, b = small["worker_batch_500"], large["worker_batch_500"]
+    lines.append(
+        f"| worker batch of 500 | {a['p50']} ms | (max {a['max']}) | {b['p50']} ms | "
+        f"(max {b['max']}) | {b['p50'] / a['p50']:.2f} | |"
+    )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", action="store_true", help="keep the generated database")
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    base = LocalStack.bench()
+    dsn = base.database_url.rsplit("/", 1)[0].replace("+psycopg2", "") + "/" + DATABASE
+    app_env = {"GATEWAY_DATABASE_URL": dsn.replace("://", "+psycopg2://", 1)}
+    stack = LocalStack(base.name, base.ports, app_env=app_env)
+    stack.down(echo=False)
+    started = time.monotonic()
+    results: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "sizes": {}}
+    try:
+        stack.up(apps=False, echo=False)
+        admin = psycopg2.connect(base.database_url.replace("+psycopg2", ""))
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
+            if cur.fetchone() is None:
+                cur.execute(f'CREATE DATABASE "{DATABASE}"')
+        migrate(dsn.replace("://", "+psycopg2://", 1))
+        now = datetime.now(UTC).replace(microsecond=0)
+        stack.start_app("api")
+        stack.wait_apps(("api",))
+        for size in SIZES:
+            say(f"{size:,} heartbeats")
+            loaded = grow_to(dsn, size, now)
+            with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+                cur.execute("SELECT count(*), pg_total_relation_size('heartbeats') FROM heartbeats")
+                rows, _ = cur.fetchone()
+                cur.execute(
+                    "SELECT sum(pg_total_relation_size(inhrelid)) FROM pg_inherits "
+                    "WHERE inhparent = 'heartbeats'::regclass"
+                )
+                on_disk = cur.fetchone()[0]
+            say(f"  {rows:,} rows, {on_disk / 2**30:.1f} GiB; timing reads")
+            results["sizes"][str(size)] = {
+                "rows": rows,
+                "gib": round(on_disk / 2**30, 2),
+                "load_s": round(loaded),
+                **measure(stack, dsn, now),
+            }
+    except (StackError, httpx.HTTPError, psycopg2.Error) as exc:
+        say(f"bench failed: {exc}")
+        return 1
+    finally:
+        if not args.keep:
+            try:
+                with admin.cursor() as cur:
+                    cur.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
+            except (NameError, psycopg2.Error):
+                pass
+        stack.down(echo=False)
+    results["seconds"] = round(time.monotonic() - started)
+    results["partitions"] = DAYS + 4
+    out = RESULTS / f"{datetime.now(UTC):%Y-%m-%d}-history.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    say(table(results))
+    say(f"written to {out} in {results['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
