@@ -40,7 +40,7 @@ from gateway.payload import HeartbeatPayload
 from gateway.simulate import percentiles
 
 RESULTS = Path(__file__).parent / "results"
-DATABASE = "history_bench"
+DATABASE = "history_{size}"
 DEVICES = 100_000
 DAYS = 25
 PROBES = 20
@@ -102,7 +102,8 @@ def background(first: int, count: int, today: date, progress) -> Iterator[str]:
         i = first + n
         if n % 100_000 == 0:
             ids = os.urandom(16 * 100_000).hex()
-            progress(n)
+            if n % 1_000_000 == 0:
+                progress(n)
         day = start_day + timedelta(days=n * DAYS // count)
         at = f"{day} {times[(i * 104_729) % 86_400]}+00"
         yield (
@@ -147,7 +148,12 @@ def grow_to(dsn: str, size: int, now: datetime) -> float:
     cur = conn.cursor()
     cur.execute("SELECT count(*) FROM heartbeats")
     have = cur.fetchone()[0]
-    if have >= size:
+    if have >= size:  # kept from an earlier run (--keep): the probes' day must end now
+        probes = [f"probe-{p:02d}" for p in range(PROBES)]
+        cur.execute("DELETE FROM heartbeats WHERE device_id = ANY(%s)", (probes,))
+        copy(cur, probe_rows(now))
+        cur.execute("UPDATE devices SET last_seen = now() WHERE device_id = ANY(%s)", (probes,))
+        cur.execute("ANALYZE heartbeats")
         return 0.0
     today = now.date()
     if have == 0:
@@ -162,8 +168,8 @@ def grow_to(dsn: str, size: int, now: datetime) -> float:
             INSERT INTO devices (device_id, heartbeat_interval_s, first_seen, last_seen, status,
                                  status_changed_at, status_reason, offline_deadline, last_metrics)
             SELECT 'dev-' || lpad(n::text, 6, '0'), 1800, now() - interval '25 days',
-                   now() - (n % 3600) * interval '1 second',
-                   CASE WHEN n % 10 = 0 THEN 'offline' ELSE 'online' END, now(), 'heartbeat',
+                   now() - (n %% 3600) * interval '1 second',
+                   CASE WHEN n %% 10 = 0 THEN 'offline' ELSE 'online' END, now(), 'heartbeat',
                    now() + interval '1 hour', '{"cpu": 10}'
             FROM generate_series(0, %s) AS n
             """,
@@ -184,7 +190,10 @@ def grow_to(dsn: str, size: int, now: datetime) -> float:
     count = size - have
 
     def progress(n: int) -> None:
-        say(f"\r  COPY {n:>11,} / {count:,} rows", end="")
+        if sys.stdout.isatty():
+            say(f"\r  COPY {n:>11,} / {count:,} rows", end="")
+        elif n % 10_000_000 == 0:
+            say(f"  COPY {n:>11,} / {count:,} rows")
 
     def load() -> None:
         copy(cur, background(have, count, today, progress))
@@ -240,12 +249,14 @@ def measure(stack: LocalStack, dsn: str, now: datetime) -> dict:
         result["one_day_buckets"] = timed(client, day)
         sample = client.get(f"/devices/{probes[0]}/metrics", params=window).json()
         result["one_day_buckets"]["buckets"] = len(sample["series"]["cpu"])
-    result["worker_batch_500"] = batch_writes(dsn)
+    result["worker_batch_500"] = batch_writes(dsn, partitions.DEDUP_WINDOW_DAYS)
+    result["worker_batch_500_all_days"] = batch_writes(dsn, 0)
     return result
 
 
-def batch_writes(dsn: str, batches: int = 12) -> dict:
-    """A worker's write of 500 new heartbeats: the insert and the lookup of older partitions."""
+def batch_writes(dsn: str, window_days: int, batches: int = 12) -> dict:
+    """A worker's write of 500 new heartbeats: the insert, and the lookup of the ids in the
+    partitions of the `window_days` days before (0: every day)."""
     engine = create_engine(dsn.replace("postgresql://", "postgresql+psycopg2://"))
     took = []
     tag = int(time.time())
@@ -253,14 +264,14 @@ def batch_writes(dsn: str, batches: int = 12) -> dict:
         beats = [
             Heartbeat.from_payload(
                 f"dev-{(b * 500 + i) % DEVICES:06d}",
-                HeartbeatPayload(msg_id=f"w-{tag}-{b}-{i}", metrics={"cpu": 1.0}),
+                HeartbeatPayload(msg_id=f"w{window_days}-{tag}-{b}-{i}", metrics={"cpu": 1.0}),
                 Source.MQTT,
             )
             for i in range(500)
         ]
         started = time.perf_counter()
         with engine.begin() as conn:
-            store.write_batch(conn, beats)
+            store.write_batch(conn, beats, dedup_window_days=window_days)
         took.append(time.perf_counter() - started)
     engine.dispose()
     took = took[2:]  # the first batches warm the connection and caches
@@ -282,11 +293,18 @@ def table(results: dict) -> str:
             f"| {name.replace('_', ' ')} | {a['p50']} ms | {a['p99']} ms | {b['p50']} ms | "
             f"{b['p99']} ms | {b['p50'] / a['p50']:.2f} | {b['p99'] / a['p99']:.2f} |"
         )
-    a, b = small["worker_batch_500"], large["worker_batch_500"]
-    lines.append(
-        f"| worker batch of 500 | {a['p50']} ms | (max {a['max']}) | {b['p50']} ms | "
-        f"(max {b['max']}) | {b['p50'] / a['p50']:.2f} | |"
-    )
+    for name, what in (
+        (
+            "worker_batch_500",
+            f"worker batch of 500, ids looked up {partitions.DEDUP_WINDOW_DAYS} days back",
+        ),
+        ("worker_batch_500_all_days", f"the same, looked up in all {DAYS} days"),
+    ):
+        a, b = small[name], large[name]
+        lines.append(
+            f"| {what} | {a['p50']} ms | (max {a['max']}) | {b['p50']} ms | "
+            f"(max {b['max']}) | {b['p50'] / a['p50']:.2f} | |"
+        )
     return "\n".join(lines)
 
 
@@ -296,52 +314,57 @@ def main() -> int:
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     base = LocalStack.bench()
-    dsn = base.database_url.rsplit("/", 1)[0].replace("+psycopg2", "") + "/" + DATABASE
-    app_env = {"GATEWAY_DATABASE_URL": dsn.replace("://", "+psycopg2://", 1)}
-    stack = LocalStack(base.name, base.ports, app_env=app_env)
+    server = base.database_url.rsplit("/", 1)[0].replace("+psycopg2", "")
+    stack = LocalStack(base.name, base.ports)
     stack.down(echo=False)
     started = time.monotonic()
     results: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "sizes": {}}
+    admin = None
     try:
         stack.up(apps=False, echo=False)
         admin = psycopg2.connect(base.database_url.replace("+psycopg2", ""))
         admin.autocommit = True
-        with admin.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
-            if cur.fetchone() is None:
-                cur.execute(f'CREATE DATABASE "{DATABASE}"')
-        migrate(dsn.replace("://", "+psycopg2://", 1))
         now = datetime.now(UTC).replace(microsecond=0)
-        stack.start_app("api")
-        stack.wait_apps(("api",))
         for size in SIZES:
+            database = DATABASE.format(size=size)
+            dsn = f"{server}/{database}"
+            with admin.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
+                if cur.fetchone() is None:
+                    cur.execute(f'CREATE DATABASE "{database}"')
+            migrate(dsn.replace("://", "+psycopg2://", 1))
             say(f"{size:,} heartbeats")
             loaded = grow_to(dsn, size, now)
             with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
-                cur.execute("SELECT count(*), pg_total_relation_size('heartbeats') FROM heartbeats")
-                rows, _ = cur.fetchone()
+                cur.execute("SELECT count(*) FROM heartbeats")
+                rows = cur.fetchone()[0]
                 cur.execute(
                     "SELECT sum(pg_total_relation_size(inhrelid)) FROM pg_inherits "
                     "WHERE inhparent = 'heartbeats'::regclass"
                 )
-                on_disk = cur.fetchone()[0]
+                on_disk = int(cur.fetchone()[0])
             say(f"  {rows:,} rows, {on_disk / 2**30:.1f} GiB; timing reads")
+            stack.app_env["GATEWAY_DATABASE_URL"] = dsn.replace("://", "+psycopg2://", 1)
+            stack.start_app("api")
+            stack.wait_apps(("api",))
             results["sizes"][str(size)] = {
                 "rows": rows,
                 "gib": round(on_disk / 2**30, 2),
                 "load_s": round(loaded),
                 **measure(stack, dsn, now),
             }
+            stack.stop_app("api")
     except (StackError, httpx.HTTPError, psycopg2.Error) as exc:
         say(f"bench failed: {exc}")
         return 1
     finally:
-        if not args.keep:
-            try:
+        if admin is not None:
+            if not args.keep:
                 with admin.cursor() as cur:
-                    cur.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-            except (NameError, psycopg2.Error):
-                pass
+                    for size in SIZES:
+                        database = DATABASE.format(size=size)
+                        cur.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            admin.close()
         stack.down(echo=False)
     results["seconds"] = round(time.monotonic() - started)
     results["partitions"] = DAYS + 4

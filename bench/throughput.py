@@ -146,9 +146,10 @@ def postgres_ceiling(stack: LocalStack, rows: int = 200_000) -> dict:
     logged, committed): what PostgreSQL itself can take on this machine."""
     buffer = io.StringIO()
     now = datetime.now(UTC).isoformat()
+    today = datetime.now(UTC).date()
     for i in range(rows):
         buffer.write(
-            f"{uuid.uuid4()}\tceiling-{i % 100}\tm-{i}\t{i}\t{now}\t{now}\tmqtt\t"
+            f"{uuid.uuid4()}\t{today}\tceiling-{i % 100}\tm-{i}\t{i}\t{now}\t{now}\tmqtt\t"
             '{"cpu": 12.5, "mem": 61.0, "temp_c": 48.2, "rssi": -60}\n'
         )
     dsn = stack.database_url.replace("postgresql+psycopg2", "postgresql")
@@ -159,8 +160,8 @@ def postgres_ceiling(stack: LocalStack, rows: int = 200_000) -> dict:
         buffer.seek(0)
         started = time.perf_counter()
         cur.copy_expert(
-            "COPY copy_ceiling (id, device_id, msg_id, seq, device_ts, received_at, source,"
-            " metrics) FROM STDIN",
+            "COPY copy_ceiling (id, stored_on, device_id, msg_id, seq, device_ts, received_at,"
+            " source, metrics) FROM STDIN",
             buffer,
         )
         conn.commit()
@@ -334,6 +335,12 @@ def main() -> int:
         say("HTTP end to end")
         http = http_end_to_end(stack)
         usage = process_usage(stack)
+        say("HTTP end to end, two api processes")
+        stack.stop_app("api")
+        stack.app_env["GATEWAY_API_WORKERS"] = "2"
+        stack.start_app("api")
+        stack.wait_apps(("api",))
+        http_two = http_end_to_end(stack)
     except (StackError, subprocess.CalledProcessError) as exc:
         say(f"bench failed: {exc}")
         return 1
@@ -342,6 +349,9 @@ def main() -> int:
     ratios = {
         "mqtt_e2e_over_broker": round(mqtt["sustained_per_s"] / broker["consumed_per_s"], 2),
         "http_e2e_over_uvicorn": round(http["requests_per_s"] / bare["requests_per_s"], 2),
+        "http_e2e_two_api_processes_over_uvicorn": round(
+            http_two["requests_per_s"] / bare["requests_per_s"], 2
+        ),
         "worker_over_copy": round(drain["rows_per_s"] / postgres["rows_per_s"], 2),
     }
     results = {
@@ -351,9 +361,11 @@ def main() -> int:
         "mqtt": mqtt,
         "worker": drain,
         "http": http,
+        "http_two_api_processes": http_two,
         "processes": usage,
         "ratios": ratios,
-        "no_loss": mqtt["stored"] >= mqtt["acknowledged"] and http["stored"] >= http["accepted"],
+        "no_loss": mqtt["stored"] >= mqtt["acknowledged"]
+        and all(h["stored"] >= h["accepted"] for h in (http, http_two)),
     }
     out = RESULTS / f"{datetime.now(UTC):%Y-%m-%d}-throughput.json"
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -13,6 +13,8 @@ from typing import Literal, TypeVar
 from pydantic import AmqpDsn, Field, PostgresDsn, RedisDsn, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.partitions import DEDUP_WINDOW_DAYS
+
 Environment = Literal["development", "test", "production"]
 
 #: Operator tokens that must never guard a real deployment.
@@ -57,6 +59,9 @@ class WorkerSettings(CommonSettings):
     worker_sweep_period_s: float = Field(default=1.0, gt=0)
     #: Port of the worker's /healthz, /readyz and /metrics (0 = off).
     worker_health_port: int = Field(default=8011, ge=0, le=65535)
+    #: A copy of a heartbeat stored up to this many days after the first is recognized and
+    #: skipped (0: as long as the first is kept; each day costs index lookups per batch).
+    dedup_window_days: int = Field(default=DEDUP_WINDOW_DAYS, ge=0)
     #: Days of heartbeats kept: older daily partitions are dropped whole (0 keeps everything).
     retention_days: int = Field(default=30, ge=0)
     #: Daily partitions created ahead of time, and how often the worker checks.

@@ -37,6 +37,7 @@ def write_batch(
     *,
     default_interval_s: int = 30,
     offline_factor: float = 3.0,
+    dedup_window_days: int = partitions.DEDUP_WINDOW_DAYS,
 ) -> BatchResult:
     """Insert heartbeats (skipping ones already stored), move device state forward, and record
     every change of status as an event.
@@ -45,7 +46,7 @@ def write_batch(
     """
     result = BatchResult()
     if beats:
-        result.inserted = _insert_heartbeats(conn, beats)
+        result.inserted = _insert_heartbeats(conn, beats, dedup_window_days)
         result.duplicates = len(beats) - result.inserted
     status = liveness.lock_statuses(conn, [m.device_id for m in (*beats, *statuses)])
     states: dict[str, DeviceState] = {}
@@ -71,16 +72,18 @@ def write_batch(
     return result
 
 
-def _insert_heartbeats(conn: Connection, beats: Sequence[Heartbeat]) -> int:
+def _insert_heartbeats(conn: Connection, beats: Sequence[Heartbeat], window_days: int) -> int:
     """Store the heartbeats not stored yet, under today's partition; returns how many.
 
-    Copies stored today meet the primary key `(id, stored_on)`; copies stored on an earlier day
-    are looked up first (see `gateway.partitions`)."""
+    Copies stored today meet the primary key `(id, stored_on)`; copies stored on the
+    `window_days` days before are looked up first (0: on every day kept; see
+    `gateway.partitions`)."""
     day = partitions.claim_day(conn)
     partitions.ensure(conn, day)
     h = heartbeats.c
     ids = list({b.id for b in beats})
-    earlier = set(conn.scalars(select(h.id).where(h.id.in_(ids), h.stored_on < day)))
+    since = [h.stored_on >= day - timedelta(days=window_days)] if window_days else []
+    earlier = set(conn.scalars(select(h.id).where(h.id.in_(ids), h.stored_on < day, *since)))
     rows = [
         {
             "id": b.id,

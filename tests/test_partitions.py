@@ -66,6 +66,23 @@ def test_a_retry_is_stored_once_across_partitions(engine: Engine) -> None:
     assert write(engine, [beat(device, "m-3")]).duplicates == 1
 
 
+def test_the_lookup_reaches_back_as_far_as_the_window(engine: Engine) -> None:
+    device = unique()
+    today = db_today(engine)
+    old = today - timedelta(days=partitions.DEDUP_WINDOW_DAYS + 1)
+    write(engine, [beat(device, "old")])
+    with engine.begin() as conn:
+        partitions.ensure(conn, old)
+        conn.execute(
+            heartbeats.update().where(heartbeats.c.device_id == device).values(stored_on=old)
+        )
+    with engine.begin() as conn:  # window 0: every day kept
+        assert store.write_batch(conn, [beat(device, "old")], dedup_window_days=0).inserted == 0
+    with engine.begin() as conn:  # beyond the window: stored again, as documented
+        assert store.write_batch(conn, [beat(device, "old")]).inserted == 1
+    assert stored_days(engine, device) == [old, today]
+
+
 def test_a_writer_of_the_new_day_waits_for_the_old_days_writers(engine: Engine) -> None:
     """A transaction of yesterday, still open, inserting a heartbeat that today's batch also
     carries: today's writer waits for it, then sees the row and skips its copy."""

@@ -142,6 +142,7 @@ class Worker:
                 statuses,
                 default_interval_s=self.settings.default_heartbeat_interval_s,
                 offline_factor=self.settings.offline_factor,
+                dedup_window_days=self.settings.dedup_window_days,
             )
         for event in result.events:
             metrics.STATUS_CHANGES.labels(event.to_status.value, event.reason).inc()
