@@ -7,7 +7,9 @@ On a stack of its own (loopback only), in this order:
   MQTT end to end: the sustained rate of heartbeats committed to PostgreSQL, then the
     publish-to-commit latency at 50% and 90% of that rate;
   worker alone: a backlog of canonical messages drained into PostgreSQL;
-  HTTP end to end: `POST /heartbeats` (202 after the broker's confirm) with wrk.
+  HTTP end to end: `POST /heartbeats` (202 after the broker's confirm) with wrk, with one
+    api process and with two;
+  soak: five minutes of MQTT at 50% of the sustained rate, the worker's memory sampled.
 It checks stored = acknowledged for every end-to-end run, and reports the ratios.
 """
 
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,11 +38,12 @@ from gateway.localstack import LocalStack, StackError, require_system_packages
 from gateway.messages import Heartbeat, Source
 from gateway.payload import HeartbeatPayload
 from gateway.schema import heartbeats
-from gateway.simulate import Credentials, Simulation, percentiles
+from gateway.simulate import Credentials, Simulation, Tally, percentiles
 
 RESULTS = Path(__file__).parent / "results"
 MQTT_DEVICES = 100
 WINDOW_S = 15.0
+SOAK_S = 300.0
 WRK = ["wrk", "-t2", "-c32", "-d10s", "--latency"]
 BARE_PORT = 8299
 
@@ -61,11 +65,17 @@ def register(stack: LocalStack, prefix: str, count: int) -> list[Credentials]:
     return creds
 
 
-def drive(stack: LocalStack, creds: list[Credentials], rate: float | None, seconds: float):
+def drive(
+    stack: LocalStack,
+    creds: list[Credentials],
+    rate: float | None,
+    seconds: float,
+    progress: Callable[[Tally, float], None] | None = None,
+):
     """MQTT devices publishing for `seconds` (as fast as they can when `rate` is None)."""
     interval = 0.0005 * len(creds) if rate is None else len(creds) / rate
     sim = Simulation(creds, interval_s=interval, mqtt_port=stack.ports.mqtt, jitter=0.05)
-    return sim.run_for(seconds)
+    return sim.run_for(seconds, progress)
 
 
 def stored(stack: LocalStack, device_ids: list[str]) -> list[tuple[str, datetime]]:
@@ -296,6 +306,48 @@ def http_end_to_end(stack: LocalStack) -> dict:
     return result
 
 
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def soak(stack: LocalStack, rate: float, seconds: float = SOAK_S) -> dict:
+    """MQTT at `rate` for five minutes: the worker's memory over time, and latency throughout."""
+    creds = register(stack, f"soak-{int(time.time())}", MQTT_DEVICES)
+    ids = [c.device_id for c in creds]
+    pid = stack.component("worker").pid()
+    samples: list[tuple[float, float]] = []
+    last_line = 0.0
+
+    def sample(tally: Tally, elapsed: float) -> None:
+        nonlocal last_line
+        samples.append((elapsed, rss_mb(pid)))
+        if elapsed - last_line >= 30:
+            last_line = elapsed
+            say(
+                f"  soak: {elapsed:3.0f}/{seconds:.0f} s, {len(tally.acked):,} acknowledged, "
+                f"worker RSS {samples[-1][1]:.1f} MB"
+            )
+
+    tally = drive(stack, creds, rate, seconds, sample)
+    count = wait_drained(stack, ids, len(tally.acked))
+    sent = tally.sent
+    latencies = [at.timestamp() - sent[m] for m, at in stored(stack, ids) if m in sent]
+    first_minute = max(rss for t, rss in samples if t <= 60)
+    peak = max(rss for _, rss in samples)
+    return {
+        "seconds": seconds,
+        "rate_per_s": round(len(tally.acked) / seconds),
+        "acknowledged": len(tally.acked),
+        "stored": count,
+        "worker_rss_mb_first_minute_peak": round(first_minute, 1),
+        "worker_rss_mb_peak": round(peak, 1),
+        "worker_rss_mb_end": round(samples[-1][1], 1),
+        "worker_rss_growth_pct": round((peak - first_minute) / first_minute * 100, 1),
+        **{k: round(v * 1000, 1) for k, v in percentiles(latencies).items()},
+    }
+
+
 def process_usage(stack: LocalStack) -> dict:
     usage = {}
     for name in ("bridge", "worker", "api"):
@@ -341,6 +393,8 @@ def main() -> int:
         stack.start_app("api")
         stack.wait_apps(("api",))
         http_two = http_end_to_end(stack)
+        say(f"soak: MQTT at 50% of sustained for {SOAK_S:.0f} s (worker memory)")
+        soaked = soak(stack, mqtt["sustained_per_s"] * 0.5)
     except (StackError, subprocess.CalledProcessError) as exc:
         say(f"bench failed: {exc}")
         return 1
@@ -362,9 +416,11 @@ def main() -> int:
         "worker": drain,
         "http": http,
         "http_two_api_processes": http_two,
+        "soak": soaked,
         "processes": usage,
         "ratios": ratios,
         "no_loss": mqtt["stored"] >= mqtt["acknowledged"]
+        and soaked["stored"] >= soaked["acknowledged"]
         and all(h["stored"] >= h["accepted"] for h in (http, http_two)),
     }
     out = RESULTS / f"{datetime.now(UTC):%Y-%m-%d}-throughput.json"

@@ -189,7 +189,7 @@ def _upsert_seen(
             )
         }
     stmt = stmt.on_conflict_do_update(index_elements=[d.device_id], set_=set_).returning(*d)
-    return [DeviceState.from_row(r) for r in conn.execute(stmt.values(rows)).mappings()]
+    return [DeviceState.from_row(r) for r in conn.execute(stmt, rows).mappings()]
 
 
 def _apply_offline(conn: Connection, reports: Sequence[StatusReport]) -> list[DeviceState]:
