@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api import broker_auth, ingest, operators
 from api.context import Context
 from api.stream import StatusStream
+from api.tokens import TokenCache
 from gateway import logs
 from gateway.broker import Publisher, connect
 from gateway.db import is_transient, make_engine
@@ -77,10 +78,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         connection = await connect(str(settings.amqp_url), name="gateway-api")
         try:
             publisher = await Publisher.open(connection, timeout=settings.api_confirm_timeout_s)
-            stream = StatusStream(engine.url)
+            tokens = TokenCache()
+            stream = StatusStream(engine.url, tokens)
             stream.start()
             app.state.context = Context(
-                settings, engine, cache, connection, publisher, stream, reads
+                settings, engine, cache, connection, publisher, stream, reads, tokens=tokens
             )
             log.info("api ready")
             yield

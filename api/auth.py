@@ -13,7 +13,7 @@ from api.context import Context, context
 bearer = HTTPBearer(auto_error=False, description="Operator token (GATEWAY_OPERATOR_TOKEN)")
 
 
-def require_operator(
+async def require_operator(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ctx: Annotated[Context, Depends(context)],
 ) -> None:

@@ -14,6 +14,7 @@ from pydantic import AfterValidator
 from sqlalchemy import Engine
 
 from api.stream import StatusStream
+from api.tokens import TokenCache
 from gateway.broker import Publisher
 from gateway.settings import ApiSettings
 from gateway.state import Breaker
@@ -33,9 +34,12 @@ class Context:
     #: A pool of autocommit connections for reads: one round trip each (no BEGIN, no ROLLBACK).
     reads: Engine
     redis_breaker: Breaker = field(default_factory=Breaker)
+    #: Device tokens already checked (evicted on any credential change).
+    tokens: TokenCache = field(default_factory=TokenCache)
 
 
-def context(request: Request) -> Context:
+async def context(request: Request) -> Context:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a hop per request.
     return request.app.state.context
 
 

@@ -14,6 +14,7 @@ from api.context import Context, DevicePath, context
 from api.responses import errors
 from gateway import metrics, registry
 from gateway.broker import PublishFailed
+from gateway.credentials import token_hash
 from gateway.errors import InputError, Reason
 from gateway.messages import Heartbeat, Rejection, Source, utcnow
 from gateway.payload import MAX_PAYLOAD_BYTES, HeartbeatPayload, parse_payload
@@ -120,11 +121,18 @@ async def authenticate_device(
             headers={"WWW-Authenticate": "Bearer"},
         )
 
+    digest = token_hash(credentials.credentials)
+
     def lookup() -> registry.Identity | None:
         with ctx.reads.connect() as conn:
-            return registry.identify(conn, credentials.credentials)
+            return registry.identify(conn, digest)
 
-    identity = await asyncio.to_thread(lookup)
+    identity = ctx.tokens.get(digest)
+    if identity is None:
+        generation = ctx.tokens.generation
+        identity = await asyncio.to_thread(lookup)
+        if identity is not None:
+            ctx.tokens.put(digest, identity, generation)
     if identity is None:
         metrics.AUTH_FAILURES.labels("http", "bad_token").inc()
         raise HTTPException(

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import Annotated
 
+import anyio.from_thread
 import redis
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import StreamingResponse
@@ -90,6 +91,7 @@ def register_device(registration: registry.Registration, ctx: Ctx) -> registry.I
 def rotate_token(device_id: DevicePath, ctx: Ctx) -> registry.IssuedToken:
     with _registry_errors(), ctx.engine.begin() as conn:
         issued, device = registry.rotate(conn, device_id)
+    _forget_token(ctx, device_id)
     _mirror(ctx, device)
     log.info("rotated the token of device %s", device_id)
     return issued
@@ -105,6 +107,8 @@ def change_device(device_id: DevicePath, changes: registry.DeviceChanges, ctx: C
         device = registry.change(
             conn, device_id, changes, offline_factor=ctx.settings.offline_factor
         )
+    if changes.enabled is not None:
+        _forget_token(ctx, device_id)
     _mirror(ctx, device)
     return DeviceView.of(device, utcnow())
 
@@ -119,6 +123,12 @@ def _registry_errors() -> Iterator[None]:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     except registry.RegistryError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+
+
+def _forget_token(ctx: Context, device_id: str) -> None:
+    """This process's token cache forgets the device before the answer goes out (the others
+    hear of it by NOTIFY a moment later)."""
+    anyio.from_thread.run_sync(ctx.tokens.evict, device_id)
 
 
 def _mirror(ctx: Context, device: state.DeviceState) -> None:

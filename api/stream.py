@@ -19,7 +19,8 @@ import psycopg2
 import psycopg2.extensions
 from sqlalchemy.engine import URL
 
-from gateway import liveness
+from api.tokens import TokenCache
+from gateway import liveness, registry
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,11 @@ OVERFLOW = "event: overflow\ndata: {}\n\n"
 
 
 class StatusStream:
-    def __init__(self, url: URL) -> None:
+    """Also delivers credential changes to `tokens` (the api's token cache), which it keeps
+    active exactly while it is listening."""
+
+    def __init__(self, url: URL, tokens: TokenCache | None = None) -> None:
+        self._tokens = tokens
         self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._clients: set[asyncio.Queue] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -68,6 +73,18 @@ class StatusStream:
                     queue.get_nowait()
                 queue.put_nowait(OVERFLOW)
 
+    def _deliver(self, note: psycopg2.extensions.Notify) -> None:
+        assert self._loop is not None
+        if note.channel == registry.CREDENTIALS_CHANNEL:
+            if self._tokens is not None:
+                self._loop.call_soon_threadsafe(self._tokens.evict, note.payload)
+        else:
+            self._loop.call_soon_threadsafe(self._publish, note.payload)
+
+    def _tokens_active(self, active: bool) -> None:
+        if self._tokens is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._tokens.set_active, active)
+
     def _listen(self) -> None:
         delay = 0.5
         while not self._stop.is_set():
@@ -81,17 +98,18 @@ class StatusStream:
             try:
                 conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
                 conn.cursor().execute(f"LISTEN {liveness.CHANNEL}")
+                conn.cursor().execute(f"LISTEN {registry.CREDENTIALS_CHANNEL}")
                 self.listening, delay = True, 0.5
+                self._tokens_active(True)
                 while not self._stop.is_set():
                     if select.select([conn], [], [], 1.0)[0]:
                         conn.poll()
                         while conn.notifies:
-                            note = conn.notifies.pop(0)
-                            assert self._loop is not None
-                            self._loop.call_soon_threadsafe(self._publish, note.payload)
+                            self._deliver(conn.notifies.pop(0))
             except (psycopg2.Error, OSError) as exc:
                 log.warning("status stream lost PostgreSQL (%s); reconnecting", exc)
             finally:
                 self.listening = False
+                self._tokens_active(False)
                 with contextlib.suppress(psycopg2.Error):
                     conn.close()

@@ -22,6 +22,8 @@ from gateway.topics import DeviceId
 #: one of their names.
 RESERVED_PREFIXES = ("gateway", "guest")
 MAX_INTERVAL_S = 86_400
+#: PostgreSQL NOTIFY channel: a device's credentials changed (payload: its id).
+CREDENTIALS_CHANNEL = "gateway_credentials"
 
 
 class RegistryError(Exception):
@@ -122,6 +124,11 @@ def register(conn: Connection, registration: Registration) -> tuple[IssuedToken,
     return _issued(token, state), state
 
 
+def announce(conn: Connection, device_id: str) -> None:
+    """Tell every api process, on commit, that this device's credentials changed."""
+    conn.execute(select(func.pg_notify(CREDENTIALS_CHANNEL, device_id)))
+
+
 def rotate(conn: Connection, device_id: str) -> tuple[IssuedToken, DeviceState]:
     """Issue a new token; the old one stops working at once."""
     token = new_token()
@@ -137,6 +144,7 @@ def rotate(conn: Connection, device_id: str) -> tuple[IssuedToken, DeviceState]:
     )
     if state is None:
         raise UnknownDevice(f"no registered device {device_id!r}")
+    announce(conn, device_id)
     return _issued(token, state), state
 
 
@@ -166,6 +174,8 @@ def change(
     )
     if state is None:
         raise UnknownDevice(f"no device {device_id!r}")
+    if changes.enabled is not None:
+        announce(conn, device_id)
     return state
 
 
@@ -179,11 +189,10 @@ def authenticate(conn: Connection, device_id: str, token: str) -> Verdict:
     return Verdict.OK if row.enabled else Verdict.DISABLED
 
 
-def identify(conn: Connection, token: str) -> Identity | None:
-    """HTTP: the device a bearer token belongs to (looked up by its hash), if any."""
+def identify(conn: Connection, digest: str) -> Identity | None:
+    """HTTP: the device a bearer token belongs to, looked up by the token's hash
+    (`credentials.token_hash`), if any."""
     row = conn.execute(
-        select(devices.c.device_id, devices.c.enabled).where(
-            devices.c.token_hash == token_hash(token)
-        )
+        select(devices.c.device_id, devices.c.enabled).where(devices.c.token_hash == digest)
     ).first()
     return Identity(row.device_id, row.enabled) if row else None

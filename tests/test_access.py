@@ -17,8 +17,10 @@ import httpx
 import paho.mqtt.client as mqtt
 import pytest
 from pydantic import ValidationError
+from sqlalchemy import create_engine
 from support import Device, poll, unique
 
+from gateway import registry
 from gateway.localstack import LocalStack
 from gateway.settings import ApiSettings
 
@@ -236,6 +238,8 @@ def test_a_device_reads_its_own_commands(apps, stack, device: Device) -> None:
 
 
 def test_rotation_stops_the_old_token_at_once(apps, api, device: Device) -> None:
+    url = f"{apps.api_url}/api/v1/devices/{device.device_id}/heartbeats"
+    assert httpx.post(url, json={}, headers=device.auth).status_code == 202  # token now cached
     rotated = api.post(f"/api/v1/devices/{device.device_id}/token")
     assert rotated.status_code == 200
     new = Device(device.device_id, rotated.json()["token"])
@@ -288,6 +292,34 @@ def test_cli_manages_the_registry(apps, api) -> None:
 
 
 # ---- HTTP ---------------------------------------------------------------------------------
+
+
+def test_a_change_made_elsewhere_reaches_the_token_cache(apps, api, device: Device) -> None:
+    """Rotated or disabled by another process (here straight in PostgreSQL, as the CLI does):
+    the api hears of it by NOTIFY and refuses the cached token within moments."""
+    url = f"{apps.api_url}/api/v1/devices/{device.device_id}/heartbeats"
+    assert httpx.post(url, json={}, headers=device.auth).status_code == 202  # token now cached
+    engine = create_engine(apps.database_url)
+    try:
+        with engine.begin() as conn:
+            registry.change(conn, device.device_id, registry.DeviceChanges(enabled=False))
+        poll(
+            lambda: httpx.post(url, json={}, headers=device.auth).status_code == 403,
+            timeout=5,
+            what="the cached token refused once the device is disabled",
+        )
+        with engine.begin() as conn:
+            registry.change(conn, device.device_id, registry.DeviceChanges(enabled=True))
+            issued, _ = registry.rotate(conn, device.device_id)
+        poll(
+            lambda: httpx.post(url, json={}, headers=device.auth).status_code == 401,
+            timeout=5,
+            what="the old token refused after a rotation elsewhere",
+        )
+        new = {"Authorization": f"Bearer {issued.token}"}
+        assert httpx.post(url, json={}, headers=new).status_code == 202
+    finally:
+        engine.dispose()
 
 
 def test_http_ingest_needs_the_devices_own_token(apps, api, register) -> None:

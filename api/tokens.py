@@ -1,0 +1,72 @@
+"""Device tokens this api process has checked, kept in memory, so an HTTP heartbeat costs no
+database round trip.
+
+Only while evictions can reach it: every change of a device's credentials (rotation, enable,
+disable) is announced with PostgreSQL NOTIFY on commit, and the status stream's LISTEN
+connection evicts that device's entries. While that connection is down the cache is empty and
+unused. Unknown tokens are never cached (a device registered a moment ago works at once).
+"""
+
+from __future__ import annotations
+
+import time
+
+from gateway.registry import Identity
+
+#: A safety net only: entries are evicted on change, not by age.
+TTL_S = 60.0
+MAX_ENTRIES = 100_000
+
+
+class TokenCache:
+    """token hash -> the device it belongs to. Used from the event loop thread only."""
+
+    def __init__(self, ttl_s: float = TTL_S, max_entries: int = MAX_ENTRIES) -> None:
+        self._ttl_s = ttl_s
+        self._max = max_entries
+        self._entries: dict[str, tuple[Identity, float]] = {}
+        self._by_device: dict[str, set[str]] = {}
+        #: Bumped by every eviction: a lookup that started before one must not be cached.
+        self.generation = 0
+        self.active = False
+
+    def get(self, digest: str) -> Identity | None:
+        entry = self._entries.get(digest)
+        if entry is None or not self.active:
+            return None
+        identity, expires = entry
+        if time.monotonic() > expires:
+            self._drop(digest, identity.device_id)
+            return None
+        return identity
+
+    def put(self, digest: str, identity: Identity, generation: int) -> None:
+        """Keep what a lookup found, unless credentials changed since it started."""
+        if not self.active or generation != self.generation:
+            return
+        if len(self._entries) >= self._max:
+            self._clear()
+        self._entries[digest] = (identity, time.monotonic() + self._ttl_s)
+        self._by_device.setdefault(identity.device_id, set()).add(digest)
+
+    def evict(self, device_id: str) -> None:
+        self.generation += 1
+        for digest in self._by_device.pop(device_id, ()):
+            self._entries.pop(digest, None)
+
+    def set_active(self, active: bool) -> None:
+        """On only while NOTIFY can evict; switching either way starts empty."""
+        self._clear()
+        self.active = active
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _drop(self, digest: str, device_id: str) -> None:
+        self._entries.pop(digest, None)
+        self._by_device.get(device_id, set()).discard(digest)
+
+    def _clear(self) -> None:
+        self.generation += 1
+        self._entries.clear()
+        self._by_device.clear()
