@@ -18,10 +18,10 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 
 from sqlalchemy import Connection, Engine, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from gateway.schema import heartbeats
 
@@ -45,10 +45,6 @@ class DayTurned(SQLAlchemyError):
 
 def partition_name(day: date) -> str:
     return f"{PARENT}_{day:%Y%m%d}"
-
-
-def today() -> date:
-    return datetime.now(UTC).date()
 
 
 # The shared lock on the transaction's day is taken, then the clock is read again: a writer that
@@ -76,7 +72,13 @@ def claim_day(conn: Connection) -> date:
     """The day this transaction stores heartbeats under, with the lock described above.
 
     Call it first in the writing transaction; raises `DayTurned` (retry) at midnight's edge."""
-    day, in_time, _ = conn.execute(_CLAIM).one()
+    try:
+        day, in_time, _ = conn.execute(_CLAIM).one()
+    except DBAPIError:
+        # Should the statement fail between its lock and unlock of the previous day, that
+        # session-level lock would outlive the transaction: close the session, and it goes.
+        conn.invalidate()
+        raise
     if not in_time:
         raise DayTurned(f"the UTC day ended as this write started ({day} is over)")
     return day
