@@ -21,7 +21,7 @@ from api.context import Context
 from api.stream import StatusStream
 from api.tokens import TokenCache
 from gateway import logs
-from gateway.broker import Publisher, connect
+from gateway.broker import Forwarder, Publisher, connect
 from gateway.db import is_transient, make_engine
 from gateway.errors import InputError
 from gateway.health import check_storage
@@ -82,7 +82,17 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             stream = StatusStream(engine.url, tokens)
             stream.start()
             app.state.context = Context(
-                settings, engine, cache, connection, publisher, stream, reads, tokens=tokens
+                settings,
+                engine,
+                cache,
+                connection,
+                publisher,
+                stream,
+                reads,
+                forwarder=Forwarder(
+                    publisher, size=settings.api_batch_size, linger_s=settings.api_linger_ms / 1000
+                ),
+                tokens=tokens,
             )
             log.info("api ready")
             yield

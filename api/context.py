@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 
 from api.stream import StatusStream
 from api.tokens import TokenCache
-from gateway.broker import Publisher
+from gateway.broker import Forwarder, Publisher
 from gateway.settings import ApiSettings
 from gateway.state import Breaker
 from gateway.topics import DEVICE_ID_PATTERN, DEVICE_ID_RULE
@@ -34,6 +34,8 @@ class Context:
     #: A pool of autocommit connections for reads: one round trip each (no BEGIN, no ROLLBACK).
     reads: Engine
     redis_breaker: Breaker = field(default_factory=Breaker)
+    #: Groups concurrent HTTP heartbeats into one work message (each waits for its confirm).
+    forwarder: Forwarder | None = None
     #: Device tokens already checked (evicted on any credential change).
     tokens: TokenCache = field(default_factory=TokenCache)
 

@@ -96,7 +96,8 @@ async def post_heartbeat(
             error.detail,
         ) from None
     try:
-        await ctx.publisher.publish_work(heartbeat)
+        assert ctx.forwarder is not None
+        await ctx.forwarder.forward(heartbeat)
     except PublishFailed as exc:
         metrics.PUBLISH_FAILURES.labels("api").inc()
         log.warning("heartbeat from %s not accepted: %s", device_id, exc)

@@ -20,6 +20,7 @@ from api.context import Context, DevicePath, QueryTime, context
 from api.responses import errors
 from api.stream import OVERFLOW
 from gateway import metrics, quality, queries, registry, state
+from gateway.errors import Reason
 from gateway.liveness import StatusEvent
 from gateway.messages import DeviceStatus, utcnow
 from gateway.payload import METRIC_NAME_PATTERN
@@ -307,8 +308,15 @@ async def stream_events(request: Request, ctx: Ctx) -> StreamingResponse:
 )
 def list_rejected(
     ctx: Ctx,
-    device_id: str | None = None,
-    reason: str | None = None,
+    device_id: Annotated[
+        str | None,
+        Query(
+            max_length=200,
+            pattern=r"^[^\x00]*$",
+            description="as the dead letter names it (which may not be a valid device id)",
+        ),
+    ] = None,
+    reason: Reason | None = None,
     since: QueryTime = None,
     until: QueryTime = None,
     limit: Limit = 100,

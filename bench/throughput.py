@@ -35,9 +35,10 @@ from gateway import registry, topology
 from gateway.broker import Publisher
 from gateway.db import make_engine
 from gateway.localstack import LocalStack, StackError, require_system_packages
-from gateway.messages import Heartbeat, Source
+from gateway.messages import Heartbeat, Source, WorkBatch
 from gateway.payload import HeartbeatPayload
 from gateway.schema import heartbeats
+from gateway.settings import BridgeSettings
 from gateway.simulate import Credentials, Simulation, Tally, percentiles
 
 RESULTS = Path(__file__).parent / "results"
@@ -270,24 +271,25 @@ def mqtt_end_to_end(stack: LocalStack) -> dict:
 
 
 def worker_drain(stack: LocalStack, messages: int = 50_000) -> dict:
-    """A backlog of canonical messages on the work queue, drained by the worker alone."""
+    """A backlog on the work queue, drained by the worker alone."""
     stack.stop_app("worker")
     device = f"drain-{int(time.time())}"
 
     async def fill() -> None:
+        """As the bridge forwards under load: work messages of `bridge_batch_size` heartbeats."""
+        per = BridgeSettings().bridge_batch_size
         async with await aio_pika.connect(stack.amqp_url) as conn:
             publisher = await Publisher.open(conn, timeout=30)
             payload = HeartbeatPayload(metrics={"cpu": 12.5, "mem": 61.0})
-            pending = []
-            for i in range(messages):
-                beat = Heartbeat.from_payload(
+            beats = [
+                Heartbeat.from_payload(
                     device, payload.model_copy(update={"msg_id": f"d-{i}"}), Source.MQTT
                 )
-                pending.append(publisher.publish_work(beat))
-                if len(pending) == 500:
-                    await asyncio.gather(*pending)
-                    pending = []
-            await asyncio.gather(*pending)
+                for i in range(messages)
+            ]
+            batches = [WorkBatch(items=beats[i : i + per]) for i in range(0, messages, per)]
+            for i in range(0, len(batches), 50):
+                await asyncio.gather(*(publisher.publish_work(b) for b in batches[i : i + 50]))
 
     asyncio.run(fill())
     stack.start_app("worker")

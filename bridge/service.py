@@ -10,7 +10,7 @@ import time
 import aio_pika.abc
 
 from gateway import metrics, topology
-from gateway.broker import Publisher, PublishFailed, ack, connect, requeue
+from gateway.broker import Forwarder, Publisher, PublishFailed, ack, connect, requeue
 from gateway.convert import Forward, Ignore, Reject, convert
 from gateway.health import HealthServer
 from gateway.messages import Source
@@ -28,6 +28,7 @@ class Bridge:
         self.in_flight = InFlight()
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._publisher: Publisher | None = None
+        self._forwarder: Forwarder | None = None
         self._forwarded = 0
         self._rejected = 0
 
@@ -39,7 +40,8 @@ class Bridge:
             try:
                 match outcome:
                     case Forward(canonical):
-                        await self._publisher.publish_work(canonical)
+                        assert self._forwarder is not None
+                        await self._forwarder.forward(canonical)
                         metrics.RECEIVED.labels(Source.MQTT.value).inc()
                         self._forwarded += 1
                     case Reject(rejection):
@@ -74,6 +76,9 @@ class Bridge:
         try:
             self._publisher = await Publisher.open(
                 self._connection, timeout=s.bridge_confirm_timeout_s
+            )
+            self._forwarder = Forwarder(
+                self._publisher, size=s.bridge_batch_size, linger_s=s.bridge_linger_ms / 1000
             )
             channel = await self._connection.channel()
             await channel.set_qos(prefetch_count=s.bridge_prefetch)

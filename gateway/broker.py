@@ -12,9 +12,20 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pamqp.commands import Basic
 
 from gateway import topology
-from gateway.messages import CONTENT_TYPE, Heartbeat, Rejection, StatusReport, encode_work
+from gateway.messages import (
+    CONTENT_TYPE,
+    Heartbeat,
+    Rejection,
+    StatusReport,
+    WorkBatch,
+    encode_work,
+)
 
 log = logging.getLogger(__name__)
+
+
+#: How many canonical messages a work message carries (read by the worker to size batches).
+ITEMS_HEADER = "x-gateway-items"
 
 
 class PublishFailed(RuntimeError):
@@ -67,17 +78,19 @@ class Publisher:
         publisher._rejected = await channel.get_exchange(topology.REJECTED_EXCHANGE, ensure=False)
         return publisher
 
-    async def publish_work(self, message: Heartbeat | StatusReport) -> None:
+    async def publish_work(self, message: Heartbeat | StatusReport | WorkBatch) -> None:
+        batch = isinstance(message, WorkBatch)
         await self._publish(
             self._work,
             aio_pika.Message(
                 encode_work(message),
+                headers={ITEMS_HEADER: len(message.items)} if batch else None,
                 content_type=CONTENT_TYPE,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 message_id=str(message.id),
                 type=message.kind,
             ),
-            topology.work_routing_key(message.device_id),
+            topology.BATCH_ROUTING_KEY if batch else topology.work_routing_key(message.device_id),
         )
 
     async def publish_rejection(self, rejection: Rejection) -> None:
@@ -114,6 +127,63 @@ class Publisher:
     @property
     def is_open(self) -> bool:
         return not self._channel.is_closed
+
+
+class Forwarder:
+    """Groups canonical messages into one work message (a `WorkBatch`), published with confirm.
+
+    Each caller of `forward` waits for the confirm of the message that carries its item, so a
+    caller acks (or answers 202) exactly as it would for a message of its own. A batch goes out
+    when `size` items wait or `linger_s` after the first: under load the broker and the worker
+    handle one message per batch instead of one per heartbeat; alone, an item waits `linger_s`.
+    """
+
+    def __init__(self, publisher: Publisher, *, size: int, linger_s: float) -> None:
+        self._publisher = publisher
+        self._size = size
+        self._linger_s = linger_s
+        self._pending: list[tuple[Heartbeat | StatusReport, asyncio.Future]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._publishing: set[asyncio.Task] = set()
+
+    async def forward(self, item: Heartbeat | StatusReport) -> None:
+        """Returns once the broker confirmed the message carrying `item`; else PublishFailed."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._pending.append((item, done))
+        if len(self._pending) >= self._size:
+            self._send()
+        elif self._timer is None:
+            self._timer = loop.call_later(self._linger_s, self._send)
+        await done
+
+    def _send(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending = self._pending, []
+        if batch:
+            task = asyncio.create_task(self._publish(batch))
+            self._publishing.add(task)
+            task.add_done_callback(self._publishing.discard)
+
+    async def _publish(self, batch: list[tuple[Heartbeat | StatusReport, asyncio.Future]]) -> None:
+        items = [item for item, _ in batch]
+        try:
+            await self._publisher.publish_work(
+                items[0] if len(items) == 1 else WorkBatch(items=items)
+            )
+        except PublishFailed as exc:
+            outcome: BaseException | None = exc
+        else:
+            outcome = None
+        for _, done in batch:
+            if done.done():
+                continue
+            if outcome is None:
+                done.set_result(None)
+            else:
+                done.set_exception(outcome)
 
 
 async def ack(message: aio_pika.abc.AbstractIncomingMessage) -> bool:

@@ -1,7 +1,8 @@
 """Canonical messages on the work queue, and dead letters.
 
 The bridge (MQTT) and the api (HTTP) turn what devices send into exactly these models; the
-worker consumes nothing else. Serialized as JSON, one message per AMQP message.
+worker consumes nothing else. Serialized as JSON: one per AMQP message, or several in a
+`WorkBatch` (what the bridge and the api send under load).
 """
 
 from __future__ import annotations
@@ -120,16 +121,37 @@ class StatusReport(BaseModel):
         )
 
 
-WorkMessage = Annotated[Heartbeat | StatusReport, Field(discriminator="kind")]
+Canonical = Annotated[Heartbeat | StatusReport, Field(discriminator="kind")]
+
+#: Canonical messages in one AMQP message: each crossing of the broker costs the same however
+#: many it carries. Acked as one, once every item is stored (or dead-lettered).
+MAX_BATCH_ITEMS = 1000
+
+
+class WorkBatch(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["batch"] = "batch"
+    id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    items: list[Canonical] = Field(min_length=1, max_length=MAX_BATCH_ITEMS)
+
+    @property
+    def device_id(self) -> str:
+        return self.items[0].device_id
+
+
+WorkMessage = Annotated[Heartbeat | StatusReport | WorkBatch, Field(discriminator="kind")]
 WORK_MESSAGE = TypeAdapter(WorkMessage)
 
 
-def encode_work(message: Heartbeat | StatusReport) -> bytes:
+def encode_work(message: Heartbeat | StatusReport | WorkBatch) -> bytes:
     return message.model_dump_json().encode()
 
 
-def decode_work(body: bytes) -> Heartbeat | StatusReport:
-    return WORK_MESSAGE.validate_json(body)
+def decode_work(body: bytes) -> list[Heartbeat | StatusReport]:
+    """The canonical messages in a work-queue body: one, or a batch's items."""
+    message = WORK_MESSAGE.validate_json(body)
+    return list(message.items) if isinstance(message, WorkBatch) else [message]
 
 
 #: Raw bytes kept with a dead letter; longer payloads are cut (their size is recorded).

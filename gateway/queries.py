@@ -177,7 +177,10 @@ def decode_cursor(cursor: str, size: int) -> list[str]:
         raise BadCursor("cursor is not one this API returned") from None
     if not isinstance(values, list) or len(values) != size:
         raise BadCursor("cursor is not one this API returned")
-    return [str(v) for v in values]
+    values = [str(v) for v in values]
+    if any("\x00" in v for v in values):  # PostgreSQL text cannot hold NUL: never ours
+        raise BadCursor("cursor is not one this API returned")
+    return values
 
 
 # ---- devices ----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from sqlalchemy import Connection, select, update
 
 from gateway.convert import Forward, Ignore, Reject, convert
 from gateway.errors import InputError, Reason
-from gateway.messages import Heartbeat, Source, StatusReport, decode_work, utcnow
+from gateway.messages import Heartbeat, Source, StatusReport, WorkBatch, decode_work, utcnow
 from gateway.payload import describe_validation_error, parse_payload
 from gateway.queries import rejected_conditions
 from gateway.schema import rejected
@@ -60,7 +60,7 @@ def select_entries(conn: Connection, filters: Filters) -> list:
     return list(conn.execute(query).mappings())
 
 
-def convert_again(entry) -> Heartbeat | StatusReport:
+def convert_again(entry) -> Heartbeat | StatusReport | WorkBatch:
     """The canonical message a dead letter becomes today; raises `InputError` if none."""
     payload = bytes(entry["payload"])
     if entry["size"] > len(payload):
@@ -81,10 +81,11 @@ def convert_again(entry) -> Heartbeat | StatusReport:
             entry["device_id"], parse_payload(payload), Source.HTTP, entry["received_at"]
         )
     try:
-        return decode_work(payload)
+        items = decode_work(payload)
     except ValidationError as exc:
         detail = f"still not a canonical message: {describe_validation_error(exc)}"
         raise InputError(Reason(entry["reason"]), detail) from None
+    return items[0] if len(items) == 1 else WorkBatch(items=items)
 
 
 def plan(entries: list) -> Plan:

@@ -13,6 +13,7 @@ from typing import Literal, TypeVar
 from pydantic import AmqpDsn, Field, PostgresDsn, RedisDsn, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.messages import MAX_BATCH_ITEMS
 from gateway.partitions import DEDUP_WINDOW_DAYS
 
 Environment = Literal["development", "test", "production"]
@@ -44,6 +45,10 @@ class CommonSettings(BaseSettings):
 
 class BridgeSettings(CommonSettings):
     bridge_prefetch: int = Field(default=500, ge=1)
+    #: Heartbeats forwarded together in one work message, and how long the first one waits
+    #: for company (1 = one message per heartbeat).
+    bridge_batch_size: int = Field(default=100, ge=1, le=MAX_BATCH_ITEMS)
+    bridge_linger_ms: int = Field(default=5, ge=0)
     #: Seconds to wait for the broker to confirm a forwarded message.
     bridge_confirm_timeout_s: float = Field(default=10.0, gt=0)
     #: Port of the bridge's /healthz, /readyz and /metrics (0 = off).
@@ -84,6 +89,10 @@ class ApiSettings(CommonSettings):
     api_internal_port: int = Field(default=8001, ge=1, le=65535)
     #: Seconds to wait for the broker to confirm an HTTP heartbeat before answering 503.
     api_confirm_timeout_s: float = Field(default=5.0, gt=0)
+    #: Concurrent HTTP heartbeats published together in one work message (each still answered
+    #: only after the broker's confirm), and how long the first one waits for company.
+    api_batch_size: int = Field(default=100, ge=1, le=MAX_BATCH_ITEMS)
+    api_linger_ms: int = Field(default=2, ge=0)
     operator_token: str = ""
 
     @model_validator(mode="after")

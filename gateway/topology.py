@@ -65,6 +65,10 @@ BINDINGS = (
 )
 
 
+#: Routing key of a work message carrying several canonical messages.
+BATCH_ROUTING_KEY = "batch"
+
+
 def work_routing_key(device_id: str) -> str:
     return f"heartbeat.{device_id}"
 

@@ -16,6 +16,7 @@ from support import apoll, serving, unique
 
 from bridge.service import Bridge
 from gateway import metrics, topology
+from gateway.broker import ITEMS_HEADER
 from gateway.messages import MESSAGE_NAMESPACE, Rejection, decode_work
 from gateway.settings import BridgeSettings
 
@@ -59,7 +60,7 @@ def test_valid_heartbeat_becomes_one_canonical_message(vhost: str) -> None:
                 body = b'{"seq": 7, "msg_id": "m-7", "cpu": 12.5, "ts": "2026-11-29T10:00:00Z"}'
                 await publish_as_mqtt(channel, f"devices.{device}.heartbeat", body)
                 message = await take(channel, topology.WORK_QUEUE)
-                hb = decode_work(message.body)
+                (hb,) = decode_work(message.body)
                 assert hb.kind == "heartbeat"
                 assert (hb.device_id, hb.seq, hb.msg_id, hb.metrics) == (
                     device,
@@ -74,6 +75,39 @@ def test_valid_heartbeat_becomes_one_canonical_message(vhost: str) -> None:
                 await apoll(
                     lambda: _zero(depth(channel, topology.MQTT_INBOX_QUEUE)), what="inbox acked"
                 )
+
+    asyncio.run(scenario())
+
+
+def test_heartbeats_arriving_together_cross_the_broker_as_one_message(vhost: str) -> None:
+    """A burst is forwarded as one work message carrying every heartbeat; each inbox message
+    is acked once the broker confirmed that message."""
+    device = unique()
+
+    async def scenario() -> None:
+        async with await aio_pika.connect(vhost) as conn:
+            channel = await conn.channel()
+            await topology.declare(channel)
+            for seq in range(30):
+                await publish_as_mqtt(
+                    channel, f"devices.{device}.heartbeat", f'{{"seq": {seq}}}'.encode()
+                )
+            settings = BridgeSettings(
+                amqp_url=vhost, bridge_health_port=0, bridge_batch_size=10, bridge_linger_ms=50
+            )
+            async with serving(Bridge(settings)):
+                seqs, sizes = [], []
+                while len(seqs) < 30:
+                    message = await take(channel, topology.WORK_QUEUE)
+                    items = decode_work(message.body)
+                    sizes.append(message.headers.get(ITEMS_HEADER, 1))
+                    assert sizes[-1] == len(items)
+                    seqs += [item.seq for item in items]
+                await apoll(
+                    lambda: _zero(depth(channel, topology.MQTT_INBOX_QUEUE)), what="inbox acked"
+                )
+            assert sorted(seqs) == list(range(30))
+            assert max(sizes) == 10 and len(sizes) <= 6, sizes
 
     asyncio.run(scenario())
 
@@ -99,7 +133,7 @@ def test_invalid_input_is_dead_lettered_and_the_flow_goes_on(vhost: str) -> None
                 assert reasons["not_json"].topic == f"devices/{device}/heartbeat"
                 assert reasons["not_json"].device_id == device
                 assert "telemetry" in reasons["unknown_topic"].detail
-                good = decode_work((await take(channel, topology.WORK_QUEUE)).body)
+                (good,) = decode_work((await take(channel, topology.WORK_QUEUE)).body)
                 assert (good.device_id, good.seq) == (device, 1)
 
     asyncio.run(scenario())
@@ -123,11 +157,11 @@ def test_redelivered_message_keeps_its_identity(vhost: str) -> None:
             assert not taken.redelivered
             await doomed.close()
             async with serving(bridge_for(vhost)):
-                first = decode_work((await take(channel, topology.WORK_QUEUE)).body)
+                (first,) = decode_work((await take(channel, topology.WORK_QUEUE)).body)
             # The same device retry (QoS 1 DUP) through the bridge again: same id.
             await publish_as_mqtt(channel, f"devices.{device}.heartbeat", body)
             async with serving(bridge_for(vhost)):
-                second = decode_work((await take(channel, topology.WORK_QUEUE)).body)
+                (second,) = decode_work((await take(channel, topology.WORK_QUEUE)).body)
             assert first.id == second.id == uuid.uuid5(MESSAGE_NAMESPACE, f"{device}/once")
 
     asyncio.run(scenario())
@@ -152,7 +186,7 @@ def test_nothing_is_acked_that_the_broker_did_not_confirm(vhost: str) -> None:
             assert await depth(channel, topology.WORK_QUEUE) == 0
             await work.bind(topology.WORK_EXCHANGE, "#")
             async with serving(bridge_for(vhost)):
-                forwarded = decode_work((await take(channel, topology.WORK_QUEUE)).body)
+                (forwarded,) = decode_work((await take(channel, topology.WORK_QUEUE)).body)
                 assert (forwarded.device_id, forwarded.seq) == (device, 9)
 
     asyncio.run(scenario())

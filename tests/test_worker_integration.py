@@ -15,7 +15,7 @@ from support import apoll, serving, unique
 
 from gateway import state, store, topology
 from gateway.broker import Publisher
-from gateway.messages import Heartbeat, Source, StatusReport
+from gateway.messages import Heartbeat, Source, StatusReport, WorkBatch
 from gateway.payload import HeartbeatPayload
 from gateway.schema import devices, heartbeats, rejected
 from gateway.settings import WorkerSettings
@@ -221,3 +221,27 @@ def test_a_heartbeat_and_a_last_will_in_one_batch_are_two_events(engine: Engine)
     # Replaying the batch (a redelivery) changes nothing and records nothing.
     with engine.begin() as conn:
         assert store.write_batch(conn, [hb], [will]).events == []
+
+
+def test_a_batch_message_is_stored_item_by_item(vhost: str, stack, engine: Engine) -> None:
+    """A work message carrying several heartbeats (as the bridge and the api send them): every
+    item stored once, a repeated batch changes nothing."""
+    device = unique()
+    items = [beat(device, f"b-{i}", T0 + timedelta(seconds=i), cpu=i) for i in range(40)]
+    batch = WorkBatch(items=items)
+
+    async def scenario() -> None:
+        async with await aio_pika.connect_robust(vhost) as conn:
+            publisher = await open_publisher(conn)
+            await publisher.publish_work(batch)
+            await publisher.publish_work(batch)  # a redelivery, or a retried publish
+            await publisher.publish_work(beat(device, "single-40", T0 + timedelta(seconds=40)))
+            async with serving(worker_for(vhost, stack, worker_batch_size=50)):
+                await apoll(lambda: count_rows(engine, device) == 41, what="41 rows")
+            # The worker is gone: a message it had not acked would be back in the queue.
+            channel = await conn.channel()
+            work = await channel.declare_queue(topology.WORK_QUEUE, durable=True, passive=True)
+            assert work.declaration_result.message_count == 0
+
+    asyncio.run(scenario())
+    assert count_rows(engine, device) == 41

@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 
 import aio_pika.abc
 
+from gateway.broker import ITEMS_HEADER
+
 Message = aio_pika.abc.AbstractIncomingMessage
 Flush = Callable[[list[Message]], Awaitable[None]]
 
@@ -16,7 +18,8 @@ class Batcher:
     """Buffers messages from a consumer and hands them to `flush` in order, one batch at a time.
 
     The consumer's prefetch bounds the buffer: while a batch is being written, the broker keeps
-    delivering up to the prefetch, and those form the next batch.
+    delivering up to the prefetch, and those form the next batch. `size` counts items: a message
+    carrying several canonical messages (its `x-gateway-items` header) weighs that many.
     """
 
     def __init__(self, flush: Flush, *, size: int, linger_s: float) -> None:
@@ -24,13 +27,18 @@ class Batcher:
         self._size = size
         self._linger_s = linger_s
         self._buffer: list[Message] = []
+        self._weights: list[int] = []
+        self._weight = 0
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
 
     async def add(self, message: Message) -> None:
+        weight = _weight(message)
         self._buffer.append(message)
+        self._weights.append(weight)
+        self._weight += weight
         self._arrived.set()
-        if len(self._buffer) >= self._size:
+        if self._weight >= self._size:
             self._full.set()
 
     @property
@@ -49,12 +57,24 @@ class Batcher:
                 waiter.cancel()
                 stopper.cancel()
                 continue
-            if len(self._buffer) < self._size and not stop.is_set():
+            if self._weight < self._size and not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._full.wait(), self._linger_s)
-            batch, self._buffer = self._buffer[: self._size], self._buffer[self._size :]
-            if len(self._buffer) < self._size:
+            count, weight = 0, 0
+            while count < len(self._buffer) and (count == 0 or weight < self._size):
+                weight += self._weights[count]
+                count += 1
+            batch, self._buffer = self._buffer[:count], self._buffer[count:]
+            del self._weights[:count]
+            self._weight -= weight
+            if self._weight < self._size:
                 self._full.clear()
             if not self._buffer:
                 self._arrived.clear()
             await self._flush(batch)
+
+
+def _weight(message: Message) -> int:
+    """How many canonical messages `message` carries (1 unless its header says more)."""
+    value = (message.headers or {}).get(ITEMS_HEADER, 1)
+    return value if isinstance(value, int) and value > 0 else 1

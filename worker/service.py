@@ -54,11 +54,11 @@ class Worker:
 
     async def flush_work(self, messages: list[Message]) -> None:
         started = time.perf_counter()
-        items: list[tuple[Message, Heartbeat | StatusReport]] = []
+        items: list[Heartbeat | StatusReport] = []
         invalid: list[Rejection] = []
         for message in messages:
             try:
-                items.append((message, decode_work(message.body)))
+                items.extend(decode_work(message.body))
             except ValidationError as exc:
                 error = InputError(Reason.INVALID_MESSAGE, describe_validation_error(exc))
                 invalid.append(
@@ -66,17 +66,19 @@ class Worker:
                         error, message.body, Source.WORK_QUEUE, device_id=_claimed_device(message)
                     )
                 )
-        result = await self._store([item for _, item in items], invalid)
+        result = await self._store(items, invalid)
         if result is None:
             return  # shutting down with the database away: unacked messages are redelivered
         for message in messages:
             await ack(message)
         elapsed = time.perf_counter() - started
-        metrics.BATCH_SIZE.observe(len(messages))
+        metrics.BATCH_SIZE.observe(len(items) + len(invalid))
         metrics.BATCH_SECONDS.observe(elapsed)
         log.info(
-            "batch: %d messages, %d stored, %d duplicates, %d rejected, %d devices, %.1f ms",
+            "batch: %d messages (%d items), %d stored, %d duplicates, %d rejected, %d devices, "
+            "%.1f ms",
             len(messages),
+            len(items),
             result.inserted,
             result.duplicates,
             len(invalid),
