@@ -20,11 +20,11 @@ from api import broker_auth, ingest, operators
 from api.context import Context
 from api.stream import StatusStream
 from api.tokens import TokenCache
-from gateway import logs
+from gateway import logs, queries
 from gateway.broker import Forwarder, Publisher, connect
 from gateway.db import is_transient, make_engine
 from gateway.errors import InputError
-from gateway.health import check_storage
+from gateway.health import broker_ready, check_storage, is_ready
 from gateway.settings import ApiSettings
 from gateway.topics import validate_device_id
 
@@ -89,7 +89,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                 publisher,
                 stream,
                 reads,
-                forwarder=Forwarder(
+                Forwarder(
                     publisher, size=settings.api_batch_size, linger_s=settings.api_linger_ms / 1000
                 ),
                 tokens=tokens,
@@ -126,6 +126,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             headers={"Retry-After": "2"},
         )
 
+    @app.exception_handler(queries.BadCursor)
+    async def bad_cursor(request: Request, exc: queries.BadCursor) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
@@ -154,11 +158,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def readyz(request: Request) -> JSONResponse:
         ctx: Context = request.app.state.context
         storage = await check_storage(ctx.engine, ctx.redis)
-        checks = {
-            "rabbitmq": not ctx.connection.is_closed and ctx.publisher.is_open,
-            **storage,
-        }
-        ready = checks["rabbitmq"] and checks["postgres"]
+        checks = {"rabbitmq": broker_ready(ctx.connection, ctx.publisher), **storage}
+        ready = is_ready(checks)
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
     @app.get(

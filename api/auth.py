@@ -5,10 +5,11 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, status
+from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.context import Context, context
+from api.responses import unauthorized
 
 bearer = HTTPBearer(auto_error=False, description="Operator token (GATEWAY_OPERATOR_TOKEN)")
 
@@ -18,18 +19,10 @@ async def require_operator(
     ctx: Annotated[Context, Depends(context)],
 ) -> None:
     if credentials is None:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "missing operator token: send Authorization: Bearer <token>",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise unauthorized("missing operator token: send Authorization: Bearer <token>")
     expected = ctx.settings.operator_token.encode()
     if not hmac.compare_digest(credentials.credentials.encode(), expected):
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "invalid operator token",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise unauthorized("invalid operator token")
 
 
 Operator = Depends(require_operator)

@@ -8,9 +8,10 @@ checks its internal users (the services' accounts) first; everyone else is a dev
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -21,7 +22,6 @@ from gateway import access, metrics, registry
 from gateway.topics import DEVICE_ID_RE
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/internal/rabbitmq", include_in_schema=False)
 
 ALLOW = PlainTextResponse("allow")
 DENY = PlainTextResponse("deny")
@@ -35,6 +35,11 @@ async def internal_only(request: Request, ctx: Annotated[Context, Depends(contex
         raise HTTPException(404, "Not Found")
 
 
+router = APIRouter(
+    prefix="/internal/rabbitmq", include_in_schema=False, dependencies=[Depends(internal_only)]
+)
+
+
 async def _form(request: Request) -> dict[str, str]:
     body = await request.body()
     if len(body) > MAX_FORM_BYTES:
@@ -44,63 +49,50 @@ async def _form(request: Request) -> dict[str, str]:
 
 
 async def _decide(
-    request: Request, decide: Callable[[dict[str, str]], bool | str]
+    request: Request, check: Callable[..., bool | Awaitable[bool]], *fields: str
 ) -> PlainTextResponse:
-    """Run a decision; any error at all is a `deny`."""
+    """`check(username, *fields from the form)`; any error at all is a `deny`."""
     try:
         form = await _form(request)
         username = form.get("username", "")
         if not DEVICE_ID_RE.fullmatch(username):
             return DENY
-        verdict = decide(form)
-        if asyncio.iscoroutine(verdict):
+        verdict = check(username, *(form.get(name, "") for name in fields))
+        if inspect.isawaitable(verdict):
             verdict = await verdict
-        return ALLOW if verdict is True else DENY
+        return ALLOW if verdict else DENY
     except Exception:  # deny on any error, and say so without the form (it holds a token)
         log.exception("broker auth check failed; denied")
         return DENY
 
 
-router_dependencies = [Depends(internal_only)]
-
-
-@router.post("/user", dependencies=router_dependencies)
+@router.post("/user")
 async def user(request: Request, ctx: Annotated[Context, Depends(context)]) -> PlainTextResponse:
-    async def check(form: dict[str, str]) -> bool:
+    async def check(username: str, password: str) -> bool:
         def run() -> registry.Verdict:
             with ctx.reads.connect() as conn:
-                return registry.authenticate(conn, form["username"], form.get("password", ""))
+                return registry.authenticate(conn, username, password)
 
         verdict = await asyncio.to_thread(run)
         if verdict != registry.Verdict.OK:
             metrics.AUTH_FAILURES.labels("mqtt", verdict.value).inc()
-            log.info("MQTT login refused for %r: %s", form["username"], verdict.value)
+            log.info("MQTT login refused for %r: %s", username, verdict.value)
         return verdict == registry.Verdict.OK
 
-    return await _decide(request, check)
+    return await _decide(request, check, "password")
 
 
-@router.post("/vhost", dependencies=router_dependencies)
+@router.post("/vhost")
 async def vhost(request: Request) -> PlainTextResponse:
     # RabbitMQ asks this only after `user` admitted the device (registered, enabled, token).
-    return await _decide(request, lambda f: access.vhost_allowed(f["username"], f.get("vhost", "")))
+    return await _decide(request, access.vhost_allowed, "vhost")
 
 
-@router.post("/resource", dependencies=router_dependencies)
+@router.post("/resource")
 async def resource(request: Request) -> PlainTextResponse:
-    return await _decide(
-        request,
-        lambda f: access.resource_allowed(
-            f["username"], f.get("resource", ""), f.get("name", ""), f.get("permission", "")
-        ),
-    )
+    return await _decide(request, access.resource_allowed, "resource", "name", "permission")
 
 
-@router.post("/topic", dependencies=router_dependencies)
+@router.post("/topic")
 async def topic(request: Request) -> PlainTextResponse:
-    return await _decide(
-        request,
-        lambda f: access.topic_allowed(
-            f["username"], f.get("name", ""), f.get("permission", ""), f.get("routing_key", "")
-        ),
-    )
+    return await _decide(request, access.topic_allowed, "name", "permission", "routing_key")

@@ -33,9 +33,9 @@ class Context:
     stream: StatusStream
     #: A pool of autocommit connections for reads: one round trip each (no BEGIN, no ROLLBACK).
     reads: Engine
-    redis_breaker: Breaker = field(default_factory=Breaker)
     #: Groups concurrent HTTP heartbeats into one work message (each waits for its confirm).
-    forwarder: Forwarder | None = None
+    forwarder: Forwarder
+    redis_breaker: Breaker = field(default_factory=Breaker)
     #: Device tokens already checked (evicted on any credential change).
     tokens: TokenCache = field(default_factory=TokenCache)
 

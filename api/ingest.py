@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from api.context import Context, DevicePath, context
-from api.responses import errors
+from api.responses import errors, unauthorized
 from gateway import metrics, registry
 from gateway.broker import PublishFailed
 from gateway.credentials import token_hash
@@ -96,7 +96,6 @@ async def post_heartbeat(
             error.detail,
         ) from None
     try:
-        assert ctx.forwarder is not None
         await ctx.forwarder.forward(heartbeat)
     except PublishFailed as exc:
         metrics.PUBLISH_FAILURES.labels("api").inc()
@@ -115,40 +114,42 @@ async def authenticate_device(
 ) -> None:
     """401 without a valid device token, 403 with another device's token or when disabled."""
     if credentials is None:
-        metrics.AUTH_FAILURES.labels("http", "missing_token").inc()
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "missing device token: send Authorization: Bearer <device token>",
-            headers={"WWW-Authenticate": "Bearer"},
+        raise _refused(
+            "missing_token",
+            unauthorized("missing device token: send Authorization: Bearer <device token>"),
+        )
+    identity = await _identify(ctx, token_hash(credentials.credentials))
+    if identity is None:
+        raise _refused(
+            "bad_token", unauthorized("invalid device token (unknown, or replaced by a rotation)")
+        )
+    if identity.device_id != device_id:
+        raise _refused(
+            "other_device",
+            HTTPException(
+                status.HTTP_403_FORBIDDEN, f"this token may not send heartbeats for {device_id!r}"
+            ),
+        )
+    if not identity.enabled:
+        raise _refused(
+            "disabled",
+            HTTPException(status.HTTP_403_FORBIDDEN, f"device {device_id!r} is disabled"),
         )
 
-    digest = token_hash(credentials.credentials)
+
+async def _identify(ctx: Context, digest: str) -> registry.Identity | None:
+    """The device a token hash belongs to: from this process's cache, else PostgreSQL."""
 
     def lookup() -> registry.Identity | None:
         with ctx.reads.connect() as conn:
             return registry.identify(conn, digest)
 
-    identity = ctx.tokens.get(digest)
-    if identity is None:
-        generation = ctx.tokens.generation
-        identity = await asyncio.to_thread(lookup)
-        if identity is not None:
-            ctx.tokens.put(digest, identity, generation)
-    if identity is None:
-        metrics.AUTH_FAILURES.labels("http", "bad_token").inc()
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "invalid device token (unknown, or replaced by a rotation)",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    if identity.device_id != device_id:
-        metrics.AUTH_FAILURES.labels("http", "other_device").inc()
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN, f"this token may not send heartbeats for {device_id!r}"
-        )
-    if not identity.enabled:
-        metrics.AUTH_FAILURES.labels("http", "disabled").inc()
-        raise HTTPException(status.HTTP_403_FORBIDDEN, f"device {device_id!r} is disabled")
+    return await ctx.tokens.lookup(digest, lambda: asyncio.to_thread(lookup))
+
+
+def _refused(reason: str, error: HTTPException) -> HTTPException:
+    metrics.AUTH_FAILURES.labels("http", reason).inc()
+    return error
 
 
 async def _dead_letter(

@@ -7,19 +7,19 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import anyio.from_thread
-import redis
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import StreamingResponse
 from pydantic import StringConstraints
+from sqlalchemy import Connection
 
 from api.auth import Operator
 from api.context import Context, DevicePath, QueryTime, context
 from api.responses import errors
 from api.stream import OVERFLOW
-from gateway import metrics, quality, queries, registry, state
+from gateway import quality, queries, registry, state
 from gateway.errors import Reason
 from gateway.liveness import StatusEvent
 from gateway.messages import DeviceStatus, utcnow
@@ -34,6 +34,7 @@ from gateway.queries import (
 )
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 router = APIRouter(
     prefix="/api/v1",
     tags=["operators"],
@@ -47,10 +48,6 @@ Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size, at most
 Cursor = Annotated[str | None, Query(description="next_cursor from the previous page")]
 
 
-def _bad_cursor(exc: queries.BadCursor) -> HTTPException:
-    return HTTPException(status.HTTP_400_BAD_REQUEST, str(exc))
-
-
 @router.get("/devices", summary="List devices (optionally by status)", responses=errors(400))
 def list_devices(
     ctx: Ctx,
@@ -58,16 +55,8 @@ def list_devices(
     limit: Limit = 100,
     cursor: Cursor = None,
 ) -> Page[DeviceView]:
-    try:
-        with ctx.reads.connect() as conn:
-            return queries.list_devices(
-                conn,
-                status=status_,
-                limit=limit,
-                cursor=cursor,
-            )
-    except queries.BadCursor as exc:
-        raise _bad_cursor(exc) from None
+    with ctx.reads.connect() as conn:
+        return queries.list_devices(conn, status=status_, limit=limit, cursor=cursor)
 
 
 @router.post(
@@ -108,8 +97,7 @@ def change_device(device_id: DevicePath, changes: registry.DeviceChanges, ctx: C
         device = registry.change(
             conn, device_id, changes, offline_factor=ctx.settings.offline_factor
         )
-    if changes.enabled is not None:
-        _forget_token(ctx, device_id)
+    _forget_token(ctx, device_id)
     _mirror(ctx, device)
     return DeviceView.of(device, utcnow())
 
@@ -135,14 +123,11 @@ def _forget_token(ctx: Context, device_id: str) -> None:
 def _mirror(ctx: Context, device: state.DeviceState) -> None:
     """Registry changes reach the Redis read path at once (best effort: when Redis is down,
     the worker rebuilds the mirror from PostgreSQL once it is back)."""
-    if not ctx.redis_breaker.allow():
-        return
-    try:
-        state.mirror(ctx.redis, [device])
-    except redis.RedisError as exc:
-        metrics.REDIS_ERRORS.labels("api").inc()
-        ctx.redis_breaker.failed()
-        log.warning("Redis unavailable, device %s not mirrored: %s", device.device_id, exc)
+    ctx.redis_breaker.call(
+        lambda: state.mirror(ctx.redis, [device]),
+        service="api",
+        skipped=f"device {device.device_id} not mirrored",
+    )
 
 
 @router.get(
@@ -158,24 +143,28 @@ def get_device(device_id: DevicePath, ctx: Ctx) -> DeviceView:
         if device is None:
             device = queries.get_device(conn, device_id)
         if device is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+            raise _no_device(device_id)
         link = quality.link_quality(conn, device_id, now) if device.last_seen else None
     return DeviceView.of(device, now, link)
 
 
+def _no_device(device_id: str) -> HTTPException:
+    return HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+
+
+def _require_device(conn: Connection, device_id: str, empty: R) -> R:
+    """An empty answer, or 404 when the device is unknown (asked only when the answer came back
+    empty: a device with data exists)."""
+    if queries.get_device(conn, device_id) is None:
+        raise _no_device(device_id)
+    return empty
+
+
 def _cached_state(ctx: Context, device_id: str) -> state.DeviceState | None:
     """Redis first; PostgreSQL answers (slower) when Redis is down or has no copy."""
-    if not ctx.redis_breaker.allow():
-        return None
-    try:
-        cached = state.read(ctx.redis, device_id)
-    except redis.RedisError as exc:
-        metrics.REDIS_ERRORS.labels("api").inc()
-        ctx.redis_breaker.failed()
-        log.warning("Redis unavailable, reading from PostgreSQL: %s", exc)
-        return None
-    ctx.redis_breaker.succeeded()
-    return cached
+    return ctx.redis_breaker.call(
+        lambda: state.read(ctx.redis, device_id), service="api", skipped="reading from PostgreSQL"
+    )
 
 
 @router.get(
@@ -191,15 +180,11 @@ def list_heartbeats(
     limit: Limit = 100,
     cursor: Cursor = None,
 ) -> Page[HeartbeatRecord]:
-    try:
-        with ctx.reads.connect() as conn:
-            if queries.get_device(conn, device_id) is None:
-                raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
-            return queries.list_heartbeats(
-                conn, device_id, since=since, until=until, limit=limit, cursor=cursor
-            )
-    except queries.BadCursor as exc:
-        raise _bad_cursor(exc) from None
+    with ctx.reads.connect() as conn:
+        page = queries.list_heartbeats(
+            conn, device_id, since=since, until=until, limit=limit, cursor=cursor
+        )
+        return page if page.items else _require_device(conn, device_id, page)
 
 
 @router.get(
@@ -226,10 +211,8 @@ def device_metrics(
     if since >= until:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "since must be before until")
     with ctx.reads.connect() as conn:
-        if queries.get_device(conn, device_id) is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
         try:
-            return queries.metric_series(
+            series = queries.metric_series(
                 conn,
                 device_id,
                 list(dict.fromkeys(name)),
@@ -240,6 +223,7 @@ def device_metrics(
             )
         except ValueError as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        return series if any(series.series.values()) else _require_device(conn, device_id, series)
 
 
 @router.get("/fleet", summary="Counts by status, and the devices that went offline last")
@@ -256,13 +240,9 @@ def fleet(ctx: Ctx, recent: Annotated[int, Query(ge=0, le=100)] = 10) -> Fleet:
 def list_events(
     device_id: DevicePath, ctx: Ctx, limit: Limit = 100, cursor: Cursor = None
 ) -> Page[StatusEvent]:
-    try:
-        with ctx.reads.connect() as conn:
-            if queries.get_device(conn, device_id) is None:
-                raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
-            return queries.list_events(conn, device_id, limit=limit, cursor=cursor)
-    except queries.BadCursor as exc:
-        raise _bad_cursor(exc) from None
+    with ctx.reads.connect() as conn:
+        page = queries.list_events(conn, device_id, limit=limit, cursor=cursor)
+        return page if page.items else _require_device(conn, device_id, page)
 
 
 @router.get(
@@ -322,16 +302,13 @@ def list_rejected(
     limit: Limit = 100,
     cursor: Cursor = None,
 ) -> Page[RejectedRecord]:
-    try:
-        with ctx.reads.connect() as conn:
-            return queries.list_rejected(
-                conn,
-                device_id=device_id,
-                reason=reason,
-                since=since,
-                until=until,
-                limit=limit,
-                cursor=cursor,
-            )
-    except queries.BadCursor as exc:
-        raise _bad_cursor(exc) from None
+    with ctx.reads.connect() as conn:
+        return queries.list_rejected(
+            conn,
+            device_id=device_id,
+            reason=reason,
+            since=since,
+            until=until,
+            limit=limit,
+            cursor=cursor,
+        )

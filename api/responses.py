@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi import HTTPException, status
 from pydantic import BaseModel
 
 
@@ -26,3 +27,10 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         503: "A dependency (broker or database) is unavailable; nothing was changed, retry",
     }
     return {code: {"model": Problem, "description": descriptions[code]} for code in codes}
+
+
+def unauthorized(detail: str) -> HTTPException:
+    """401 with the challenge a bearer-token client expects."""
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"}
+    )

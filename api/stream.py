@@ -40,7 +40,6 @@ class StatusStream:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.listening = False
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -99,7 +98,7 @@ class StatusStream:
                 conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
                 conn.cursor().execute(f"LISTEN {liveness.CHANNEL}")
                 conn.cursor().execute(f"LISTEN {registry.CREDENTIALS_CHANNEL}")
-                self.listening, delay = True, 0.5
+                delay = 0.5
                 self._tokens_active(True)
                 while not self._stop.is_set():
                     if select.select([conn], [], [], 1.0)[0]:
@@ -109,7 +108,6 @@ class StatusStream:
             except (psycopg2.Error, OSError) as exc:
                 log.warning("status stream lost PostgreSQL (%s); reconnecting", exc)
             finally:
-                self.listening = False
                 self._tokens_active(False)
                 with contextlib.suppress(psycopg2.Error):
                     conn.close()

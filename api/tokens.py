@@ -10,6 +10,7 @@ unused. Unknown tokens are never cached (a device registered a moment ago works 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 from gateway.registry import Identity
 
@@ -38,6 +39,19 @@ class TokenCache:
         if time.monotonic() > expires:
             self._drop(digest, identity.device_id)
             return None
+        return identity
+
+    async def lookup(
+        self, digest: str, fetch: Callable[[], Awaitable[Identity | None]]
+    ) -> Identity | None:
+        """The cached identity, else `fetch()`'s, kept unless credentials changed meanwhile."""
+        identity = self.get(digest)
+        if identity is not None:
+            return identity
+        generation = self.generation
+        identity = await fetch()
+        if identity is not None:
+            self.put(digest, identity, generation)
         return identity
 
     def put(self, digest: str, identity: Identity, generation: int) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -12,9 +11,9 @@ import aio_pika.abc
 from gateway import metrics, topology
 from gateway.broker import Forwarder, Publisher, PublishFailed, ack, connect, requeue
 from gateway.convert import Forward, Ignore, Reject, convert
-from gateway.health import HealthServer
+from gateway.health import HealthServer, broker_ready
 from gateway.messages import Source
-from gateway.service import InFlight
+from gateway.service import InFlight, sleep_or_stop
 from gateway.settings import BridgeSettings
 
 log = logging.getLogger(__name__)
@@ -65,8 +64,7 @@ class Bridge:
             await ack(message)
 
     async def ready(self) -> dict[str, bool]:
-        connected = self._connection is not None and not self._connection.is_closed
-        return {"rabbitmq": connected and self._publisher is not None and self._publisher.is_open}
+        return {"rabbitmq": broker_ready(self._connection, self._publisher)}
 
     async def serve(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -100,8 +98,7 @@ class Bridge:
         """One summary line per period, never one per message."""
         last = time.monotonic()
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), every)
+            await sleep_or_stop(stop, every)
             if self._forwarded or self._rejected:
                 elapsed = time.monotonic() - last
                 log.info(

@@ -59,3 +59,9 @@ def is_transient(exc: SQLAlchemyError) -> bool:
     if code:
         return code[:2] in TRANSIENT_SQLSTATE_CLASSES
     return isinstance(exc, OperationalError | InterfaceError)  # no SQLSTATE: server unreachable
+
+
+def short_error(exc: BaseException, limit: int = 300) -> str:
+    """The first line of a database error (the driver's own message when there is one)."""
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]

@@ -7,21 +7,28 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 
+import aio_pika.abc
 import redis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
+
+from gateway.broker import Publisher
 
 log = logging.getLogger(__name__)
 
 ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
 
 
+#: Redis only speeds reads up: without it every service still works.
+OPTIONAL = frozenset({"redis"})
+
+
 class HealthServer:
     """Answers `GET /healthz` (process up), `GET /readyz` (dependencies) and `GET /metrics`."""
 
     def __init__(
-        self, host: str, port: int, ready: ReadyCheck, optional: frozenset[str] = frozenset()
+        self, host: str, port: int, ready: ReadyCheck, optional: frozenset[str] = OPTIONAL
     ) -> None:
         self.host, self.port, self._ready = host, port, ready
         #: Checks reported but not required: the service works (degraded) without them.
@@ -74,12 +81,29 @@ class HealthServer:
                 checks = await asyncio.wait_for(self._ready(), timeout=5)
             except Exception:  # a failing check means "not ready", never a crash
                 checks = {"checks": False}
-            ok = all(v for k, v in checks.items() if k not in self.optional)
+            ok = is_ready(checks, self.optional)
             body = json.dumps({"ready": ok, "checks": checks}).encode()
             return ("200 OK" if ok else "503 Service Unavailable"), body, "application/json"
         if path == "/metrics":
             return "200 OK", generate_latest(), CONTENT_TYPE_LATEST
         return "404 Not Found", b'{"detail":"not found"}', "application/json"
+
+
+def is_ready(checks: dict[str, bool], optional: frozenset[str] = OPTIONAL) -> bool:
+    """Ready when every check passed that is not optional."""
+    return all(ok for name, ok in checks.items() if name not in optional)
+
+
+def broker_ready(
+    connection: aio_pika.abc.AbstractConnection | None, publisher: Publisher | None
+) -> bool:
+    """Connected, with a publishing channel open."""
+    return (
+        connection is not None
+        and not connection.is_closed
+        and publisher is not None
+        and publisher.is_open
+    )
 
 
 async def check_storage(engine: Engine, cache: redis.Redis) -> dict[str, bool]:

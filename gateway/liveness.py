@@ -10,7 +10,6 @@ PostgreSQL NOTIFY on commit, so the api streams exactly what was stored.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
 
 from pydantic import BaseModel
 from sqlalchemy import Connection, bindparam, func, insert, select, text
@@ -25,8 +24,6 @@ from gateway.state import DeviceState
 CHANNEL = "gateway_status"
 #: The sweeper's advisory lock: whoever holds it is the one sweeper, however many workers run.
 SWEEPER_LOCK = 0x6761_7465_7761_7901  # "gateway" + 1
-
-Reason = Literal["timeout", "last_will", "heartbeat", "status_message"]
 
 
 class StatusEvent(BaseModel):

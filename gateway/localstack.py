@@ -354,7 +354,7 @@ class LocalStack:
 
     def rabbitmq_ready(self) -> bool:
         """The node is up and has loaded the topology (queues exist before devices connect)."""
-        if not _port_open(self.ports.mqtt) or not _port_open(self.ports.amqp):
+        if not port_open(self.ports.mqtt) or not port_open(self.ports.amqp):
             return False
         try:
             self.management("GET", "/api/queues/%2F/gateway.mqtt.inbox")
@@ -738,7 +738,7 @@ def _terminate(pid: int, signature: str, timeout: float) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
             return True
@@ -747,7 +747,7 @@ def _port_open(port: int) -> bool:
 
 
 def _require_free(*ports: int) -> None:
-    taken = [port for port in ports if _port_open(port)]
+    taken = [port for port in ports if port_open(port)]
     if taken:
         raise StackError(
             f"port(s) {', '.join(map(str, taken))} on 127.0.0.1 are taken by another process; "

@@ -135,10 +135,6 @@ class WorkBatch(BaseModel):
     id: uuid.UUID = Field(default_factory=uuid.uuid4)
     items: list[Canonical] = Field(min_length=1, max_length=MAX_BATCH_ITEMS)
 
-    @property
-    def device_id(self) -> str:
-        return self.items[0].device_id
-
 
 WorkMessage = Annotated[Heartbeat | StatusReport | WorkBatch, Field(discriminator="kind")]
 WORK_MESSAGE = TypeAdapter(WorkMessage)

@@ -223,11 +223,10 @@ def fleet_counts(conn: Connection, *, now: datetime | None = None, recent: int =
     queries (never a scan of heartbeats)."""
     now = now or utcnow()
     d = devices.c
-    online = and_(d.status == DeviceStatus.ONLINE.value, d.offline_deadline > now)
     total, online_count, never_seen = conn.execute(
         select(
             func.count(),
-            func.count().filter(online),
+            func.count().filter(_status_expr(now) == DeviceStatus.ONLINE.value),
             func.count().filter(d.status == DeviceStatus.NEVER_SEEN.value),
         )
     ).one()

@@ -14,6 +14,12 @@ from gateway.settings import CommonSettings
 log = logging.getLogger(__name__)
 
 
+async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    """Wait `seconds`, or less when `stop` is set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
 def run(
     name: str, settings: CommonSettings, serve: Callable[[asyncio.Event], Awaitable[None]]
 ) -> int:

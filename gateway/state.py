@@ -6,16 +6,23 @@ and versioned, so a late writer never overwrites newer state.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
+import redis
 from pydantic import BaseModel, ConfigDict
 
+from gateway import metrics
 from gateway.messages import DeviceStatus, utcnow
 from gateway.payload import MetricValue
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 KEY_PREFIX = "gateway:device:"
 #: Set once the mirror was rebuilt from PostgreSQL; a Redis that restarted (it keeps nothing on
@@ -29,6 +36,7 @@ if current and tonumber(current) >= tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'version', ARGV[1], 'state', ARGV[2])
 return 1
 """
+_SET_IF_NEWER_SHA = hashlib.sha1(_SET_IF_NEWER.encode()).hexdigest()
 
 
 class DeviceState(BaseModel):
@@ -74,17 +82,28 @@ def redis_key(device_id: str) -> str:
     return KEY_PREFIX + device_id
 
 
-def mirror(redis_client: Any, states: Iterable[DeviceState]) -> None:
-    """Copy committed states to Redis in one round trip (sync client)."""
-    script = redis_client.register_script(_SET_IF_NEWER)
-    pipe = redis_client.pipeline(transaction=False)
-    for state in states:
-        script(
-            keys=[redis_key(state.device_id)],
-            args=[state.version, state.model_dump_json()],
-            client=pipe,
-        )
-    pipe.execute()
+def mirror(redis_client: Any, states: Iterable[DeviceState]) -> int:
+    """Copy committed states to Redis in one round trip (sync client): the script runs by its
+    hash, and is loaded once more only when Redis has lost it (a restart). Returns how many."""
+    states = list(states)
+    for attempt in (1, 2):
+        pipe = redis_client.pipeline(transaction=False)
+        for state in states:
+            pipe.evalsha(
+                _SET_IF_NEWER_SHA,
+                1,
+                redis_key(state.device_id),
+                state.version,
+                state.model_dump_json(),
+            )
+        try:
+            pipe.execute()
+            return len(states)
+        except redis.exceptions.NoScriptError:
+            if attempt == 2:
+                raise
+            redis_client.script_load(_SET_IF_NEWER)  # then again: every write is idempotent
+    return 0
 
 
 def read(redis_client: Any, device_id: str) -> DeviceState | None:
@@ -98,10 +117,7 @@ def rebuild(redis_client: Any, pages: Iterable[list[DeviceState]]) -> int:
 
     Versioned writes make this safe beside live updates: a newer state is never overwritten.
     """
-    count = 0
-    for page in pages:
-        mirror(redis_client, page)
-        count += len(page)
+    count = sum(mirror(redis_client, page) for page in pages)
     redis_client.set(REBUILT_KEY, str(time.time()))
     return count
 
@@ -130,3 +146,18 @@ class Breaker:
     def succeeded(self) -> None:
         self._cooldown = self._base
         self._open_until = 0.0
+
+    def call(self, redis_call: Callable[[], T], *, service: str, skipped: str) -> T | None:
+        """`redis_call()` unless Redis failed a moment ago; None (and a warning saying what was
+        `skipped`) when it fails now."""
+        if not self.allow():
+            return None
+        try:
+            result = redis_call()
+        except redis.RedisError as exc:
+            metrics.REDIS_ERRORS.labels(service).inc()
+            self.failed()
+            log.warning("Redis unavailable, %s: %s", skipped, exc)
+            return None
+        self.succeeded()
+        return result

@@ -12,7 +12,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import Connection, case, func, select, update
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Text,
+    case,
+    column,
+    func,
+    select,
+    update,
+    values,
+)
 from sqlalchemy.dialects.postgresql import insert
 
 from gateway import liveness, partitions
@@ -28,6 +38,12 @@ class BatchResult:
     duplicates: int = 0
     states: list[DeviceState] = field(default_factory=list)
     events: list[StatusEvent] = field(default_factory=list)
+
+    def add(self, other: BatchResult) -> None:
+        self.inserted += other.inserted
+        self.duplicates += other.duplicates
+        self.states += other.states
+        self.events += other.events
 
 
 def write_batch(
@@ -193,33 +209,29 @@ def _upsert_seen(
 
 
 def _apply_offline(conn: Connection, reports: Sequence[StatusReport]) -> list[DeviceState]:
-    """The device said `offline` (its Last Will): offline at once, unless heard from since."""
-    states = []
-    for device_id, report in sorted(_latest(reports).items()):
-        d = devices.c
-        row = (
-            conn.execute(
-                update(devices)
-                .where(
-                    d.device_id == device_id,
-                    d.last_seen.is_(None) | (d.last_seen <= report.received_at),
-                    d.status_changed_at.is_(None) | (d.status_changed_at < report.received_at),
-                )
-                .values(
-                    status=DeviceStatus.OFFLINE.value,
-                    status_changed_at=report.received_at,
-                    status_reason="last_will",
-                    offline_deadline=None,
-                    version=d.version + 1,
-                )
-                .returning(*d)
-            )
-            .mappings()
-            .first()
+    """The device said `offline` (its Last Will): offline at once, unless heard from since.
+    One statement for every device of the batch (a broker restart fires them all at once)."""
+    d = devices.c
+    said = values(
+        column("device_id", Text), column("at", DateTime(timezone=True)), name="said"
+    ).data([(device_id, r.received_at) for device_id, r in sorted(_latest(reports).items())])
+    stmt = (
+        update(devices)
+        .where(
+            d.device_id == said.c.device_id,
+            d.last_seen.is_(None) | (d.last_seen <= said.c.at),
+            d.status_changed_at.is_(None) | (d.status_changed_at < said.c.at),
         )
-        if row is not None:
-            states.append(DeviceState.from_row(row))
-    return states
+        .values(
+            status=DeviceStatus.OFFLINE.value,
+            status_changed_at=said.c.at,
+            status_reason="last_will",
+            offline_deadline=None,
+            version=d.version + 1,
+        )
+        .returning(*d)
+    )
+    return [DeviceState.from_row(row) for row in conn.execute(stmt).mappings()]
 
 
 def write_rejections(conn: Connection, rejections: Sequence[Rejection]) -> int:

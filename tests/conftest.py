@@ -72,7 +72,7 @@ def redis_client(stack: LocalStack) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def vhost(stack: LocalStack) -> Iterator[str]:
-    """A fresh RabbitMQ vhost with the topology declared; yields its AMQP URL."""
+    """A fresh, empty RabbitMQ vhost (services declare the topology); yields its AMQP URL."""
     name = unique("test")
     stack.management("PUT", f"/api/vhosts/{name}", {})
     stack.management(

@@ -117,6 +117,12 @@ def mqtt_session(mqtt_port: int, device: Device) -> Iterator[Any]:
         sim.close()
 
 
+def history(api: Any, device_id: str) -> list[dict]:
+    """A device's stored heartbeats, newest first ([] while it has none or is unknown)."""
+    response = api.get(f"/api/v1/devices/{device_id}/heartbeats")
+    return response.json()["items"] if response.status_code == 200 else []
+
+
 def publish_acked(client: Any, topic: str, body: bytes) -> bool:
     """Publish with QoS 1; True once the broker acknowledged it."""
     info = client.publish(topic, body, qos=1)

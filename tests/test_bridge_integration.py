@@ -7,8 +7,10 @@ Messages enter `amq.topic` exactly as RabbitMQ's MQTT plugin publishes them (rou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 import aio_pika
 import pytest
@@ -45,6 +47,15 @@ async def depth(channel: aio_pika.abc.AbstractChannel, queue: str) -> int:
     return declared.declaration_result.message_count
 
 
+@contextlib.asynccontextmanager
+async def declared(vhost: str) -> AsyncIterator[tuple[aio_pika.abc.AbstractConnection, Any]]:
+    """A connection to the test vhost, and a channel on which the topology is declared."""
+    async with await aio_pika.connect(vhost) as conn:
+        channel = await conn.channel()
+        await topology.declare(channel)
+        yield conn, channel
+
+
 def bridge_for(url: str) -> Bridge:
     return Bridge(BridgeSettings(amqp_url=url, bridge_health_port=0))
 
@@ -53,28 +64,25 @@ def test_valid_heartbeat_becomes_one_canonical_message(vhost: str) -> None:
     device = unique()
 
     async def scenario() -> None:
-        async with await aio_pika.connect(vhost) as conn:
-            channel = await conn.channel()
-            await topology.declare(channel)
-            async with serving(bridge_for(vhost)):
-                body = b'{"seq": 7, "msg_id": "m-7", "cpu": 12.5, "ts": "2026-11-29T10:00:00Z"}'
-                await publish_as_mqtt(channel, f"devices.{device}.heartbeat", body)
-                message = await take(channel, topology.WORK_QUEUE)
-                (hb,) = decode_work(message.body)
-                assert hb.kind == "heartbeat"
-                assert (hb.device_id, hb.seq, hb.msg_id, hb.metrics) == (
-                    device,
-                    7,
-                    "m-7",
-                    {"cpu": 12.5},
-                )
-                assert hb.source == "mqtt"
-                assert hb.id == uuid.uuid5(MESSAGE_NAMESPACE, f"{device}/m-7")
-                assert message.message_id == str(hb.id)
-                assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
-                await apoll(
-                    lambda: _zero(depth(channel, topology.MQTT_INBOX_QUEUE)), what="inbox acked"
-                )
+        async with declared(vhost) as (_, channel), serving(bridge_for(vhost)):
+            body = b'{"seq": 7, "msg_id": "m-7", "cpu": 12.5, "ts": "2026-11-29T10:00:00Z"}'
+            await publish_as_mqtt(channel, f"devices.{device}.heartbeat", body)
+            message = await take(channel, topology.WORK_QUEUE)
+            (hb,) = decode_work(message.body)
+            assert hb.kind == "heartbeat"
+            assert (hb.device_id, hb.seq, hb.msg_id, hb.metrics) == (
+                device,
+                7,
+                "m-7",
+                {"cpu": 12.5},
+            )
+            assert hb.source == "mqtt"
+            assert hb.id == uuid.uuid5(MESSAGE_NAMESPACE, f"{device}/m-7")
+            assert message.message_id == str(hb.id)
+            assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+            await apoll(
+                lambda: _zero(depth(channel, topology.MQTT_INBOX_QUEUE)), what="inbox acked"
+            )
 
     asyncio.run(scenario())
 
@@ -85,9 +93,7 @@ def test_heartbeats_arriving_together_cross_the_broker_as_one_message(vhost: str
     device = unique()
 
     async def scenario() -> None:
-        async with await aio_pika.connect(vhost) as conn:
-            channel = await conn.channel()
-            await topology.declare(channel)
+        async with declared(vhost) as (_, channel):
             for seq in range(30):
                 await publish_as_mqtt(
                     channel, f"devices.{device}.heartbeat", f'{{"seq": {seq}}}'.encode()
@@ -116,25 +122,22 @@ def test_invalid_input_is_dead_lettered_and_the_flow_goes_on(vhost: str) -> None
     device = unique()
 
     async def scenario() -> None:
-        async with await aio_pika.connect(vhost) as conn:
-            channel = await conn.channel()
-            await topology.declare(channel)
-            async with serving(bridge_for(vhost)):
-                await publish_as_mqtt(channel, f"devices.{device}.heartbeat", b"{not json")
-                await publish_as_mqtt(channel, f"devices.{device}.telemetry", b"{}")
-                await publish_as_mqtt(channel, f"devices.{device}.heartbeat", b'{"seq": 1}')
-                reasons = {}
-                for _ in range(2):
-                    dead = await take(channel, topology.REJECTED_QUEUE)
-                    rejection = Rejection.from_amqp(dict(dead.headers), dead.body)
-                    reasons[rejection.reason.value] = rejection
-                assert set(reasons) == {"not_json", "unknown_topic"}
-                assert reasons["not_json"].payload == b"{not json"
-                assert reasons["not_json"].topic == f"devices/{device}/heartbeat"
-                assert reasons["not_json"].device_id == device
-                assert "telemetry" in reasons["unknown_topic"].detail
-                (good,) = decode_work((await take(channel, topology.WORK_QUEUE)).body)
-                assert (good.device_id, good.seq) == (device, 1)
+        async with declared(vhost) as (_, channel), serving(bridge_for(vhost)):
+            await publish_as_mqtt(channel, f"devices.{device}.heartbeat", b"{not json")
+            await publish_as_mqtt(channel, f"devices.{device}.telemetry", b"{}")
+            await publish_as_mqtt(channel, f"devices.{device}.heartbeat", b'{"seq": 1}')
+            reasons = {}
+            for _ in range(2):
+                dead = await take(channel, topology.REJECTED_QUEUE)
+                rejection = Rejection.from_amqp(dict(dead.headers), dead.body)
+                reasons[rejection.reason.value] = rejection
+            assert set(reasons) == {"not_json", "unknown_topic"}
+            assert reasons["not_json"].payload == b"{not json"
+            assert reasons["not_json"].topic == f"devices/{device}/heartbeat"
+            assert reasons["not_json"].device_id == device
+            assert "telemetry" in reasons["unknown_topic"].detail
+            (good,) = decode_work((await take(channel, topology.WORK_QUEUE)).body)
+            assert (good.device_id, good.seq) == (device, 1)
 
     asyncio.run(scenario())
 
@@ -145,9 +148,7 @@ def test_redelivered_message_keeps_its_identity(vhost: str) -> None:
     device = unique()
 
     async def scenario() -> None:
-        async with await aio_pika.connect(vhost) as conn:
-            channel = await conn.channel()
-            await topology.declare(channel)
+        async with declared(vhost) as (conn, channel):
             body = b'{"msg_id": "once", "seq": 1}'
             await publish_as_mqtt(channel, f"devices.{device}.heartbeat", body)
             # A consumer that dies before acking: the broker requeues its message.
@@ -173,14 +174,13 @@ def test_nothing_is_acked_that_the_broker_did_not_confirm(vhost: str) -> None:
     device = unique()
 
     async def scenario() -> None:
-        async with await aio_pika.connect(vhost) as conn:
-            channel = await conn.channel()
-            await topology.declare(channel)
+        async with declared(vhost) as (_, channel):
             work = await channel.get_queue(topology.WORK_QUEUE)
-            async with serving(bridge_for(vhost)) as bridge:
+            async with serving(bridge_for(vhost)):
                 await work.unbind(topology.WORK_EXCHANGE, "#")  # after the bridge declared it
+                before = _failures()
                 await publish_as_mqtt(channel, f"devices.{device}.heartbeat", b'{"seq": 9}')
-                await apoll(lambda: _failures(bridge) > 0, what="the broker to refuse the forward")
+                await apoll(lambda: _failures() > before, what="the broker to refuse the forward")
             # The bridge is gone; whatever it held unacked is back in the inbox.
             assert await depth(channel, topology.MQTT_INBOX_QUEUE) == 1
             assert await depth(channel, topology.WORK_QUEUE) == 0
@@ -192,7 +192,7 @@ def test_nothing_is_acked_that_the_broker_did_not_confirm(vhost: str) -> None:
     asyncio.run(scenario())
 
 
-def _failures(bridge: Bridge) -> float:
+def _failures() -> float:
     return metrics.PUBLISH_FAILURES.labels("bridge")._value.get()
 
 

@@ -239,7 +239,9 @@ def test_service_runs_a_declared_console_script_from_the_project_image(
         f"service {name} must be built from the project's Dockerfile (`build: .`)"
     )
     images = {services[other].get("image") for other in (*ONE_SHOT, *APP_SERVICES)}
-    assert len(images) == 1, f"migrate, bridge, worker and api must share one image, got {images}"
+    assert None not in images and len(images) == 1, (
+        f"migrate, bridge, worker and api must share one image, got {images}"
+    )
 
 
 @pytest.mark.parametrize("name", list(EXPECTED_DEPENDENCIES) + list(INFRASTRUCTURE))

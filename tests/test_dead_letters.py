@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import Engine, text
-from support import Device, mqtt_session, poll, publish_acked
+from support import Device, history, mqtt_session, poll, publish_acked
 
 from gateway.localstack import LocalStack
 
@@ -104,7 +104,7 @@ def test_replay_puts_fixed_entries_back_and_marks_them(
     done = gateway("replay")
     assert "replayed 1, still invalid 1" in done.stdout, done.stdout + done.stderr
     stored = poll(
-        lambda: api.get(f"/api/v1/devices/{device.device_id}/heartbeats").json()["items"],
+        lambda: history(api, device.device_id),
         what="the replayed heartbeat stored",
     )
     assert [h["msg_id"] for h in stored] == ["r-1"]

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import redis
 from sqlalchemy import Engine, func, select
-from support import Device, mqtt_session, poll, publish_acked, unique
+from support import Device, history, mqtt_session, poll, publish_acked, unique
 
 from gateway import registry, state
 from gateway.localstack import LocalStack
@@ -264,7 +264,7 @@ def test_redis_down(healthy: LocalStack, engine: Engine, api, redis_client: redi
         healthy.stop_redis()
         load.run(2)
         device = load.device_ids[0]
-        stored = lambda: api.get(f"/api/v1/devices/{device}/heartbeats").json()["items"]  # noqa: E731
+        stored = lambda: history(api, device)  # noqa: E731
         first = stored()[0]["received_at"]
         poll(lambda: stored()[0]["received_at"] > first, what="persistence going on")
         view = api.get(f"/api/v1/devices/{device}")

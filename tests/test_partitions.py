@@ -11,11 +11,12 @@ import time
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
+from alembic import command
 from sqlalchemy import Engine, create_engine, func, select, text
-from support import unique
+from support import poll, unique
 
 from gateway import partitions, queries, store
-from gateway.db import migrate
+from gateway.db import alembic_config, migrate
 from gateway.messages import Heartbeat, Source
 from gateway.payload import HeartbeatPayload
 from gateway.schema import heartbeats
@@ -116,7 +117,8 @@ def test_a_writer_of_the_new_day_waits_for_the_old_days_writers(engine: Engine) 
             )
             writer = threading.Thread(target=todays_writer)
             writer.start()
-            time.sleep(1.0)
+            poll(lambda: finished, what="today's writer to start")
+            time.sleep(1.0)  # proves a wait: given a second, it still has not written
             assert len(finished) == 1, "today's writer did not wait for yesterday's"
             released = time.monotonic()
         writer.join(timeout=10)
@@ -244,6 +246,11 @@ def test_migration_moves_existing_heartbeats_into_partitions(stack) -> None:
             have = partitions.existing(conn)
         assert days == 10
         assert len(have) >= 10 + 3
+        # And back: every row kept, in one table again.
+        command.downgrade(alembic_config(url), "0003")
+        with scratch.connect() as conn:
+            assert conn.scalar(text("SELECT count(*) FROM heartbeats")) == 10
+            assert conn.scalar(text("SELECT to_regclass('heartbeats_partitioned')")) is None
     finally:
         scratch.dispose()
         with admin.connect() as conn:

@@ -26,16 +26,14 @@ class Batcher:
         self._flush = flush
         self._size = size
         self._linger_s = linger_s
-        self._buffer: list[Message] = []
-        self._weights: list[int] = []
-        self._weight = 0
+        self._buffer: list[tuple[Message, int]] = []  # with its weight
+        self._weight = 0  # of the whole buffer
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
 
     async def add(self, message: Message) -> None:
         weight = _weight(message)
-        self._buffer.append(message)
-        self._weights.append(weight)
+        self._buffer.append((message, weight))
         self._weight += weight
         self._arrived.set()
         if self._weight >= self._size:
@@ -60,13 +58,13 @@ class Batcher:
             if self._weight < self._size and not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._full.wait(), self._linger_s)
-            count, weight = 0, 0
-            while count < len(self._buffer) and (count == 0 or weight < self._size):
-                weight += self._weights[count]
+            count, taken = 0, 0
+            while count < len(self._buffer) and (count == 0 or taken < self._size):
+                taken += self._buffer[count][1]
                 count += 1
-            batch, self._buffer = self._buffer[:count], self._buffer[count:]
-            del self._weights[:count]
-            self._weight -= weight
+            batch = [message for message, _ in self._buffer[:count]]
+            del self._buffer[:count]
+            self._weight -= taken
             if self._weight < self._size:
                 self._full.clear()
             if not self._buffer:

@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import random
-import threading
 import time
 from collections.abc import Sequence
 
@@ -19,11 +18,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import metrics, partitions, state, store, topology
 from gateway.broker import Publisher, PublishFailed, ack, connect
-from gateway.db import is_transient, make_engine
+from gateway.db import is_transient, make_engine, short_error
 from gateway.errors import InputError, Reason
-from gateway.health import HealthServer, check_storage
+from gateway.health import HealthServer, broker_ready, check_storage
 from gateway.messages import Heartbeat, Rejection, Source, StatusReport, decode_work, utcnow
 from gateway.payload import describe_validation_error
+from gateway.service import sleep_or_stop
 from gateway.settings import WorkerSettings
 from worker.batcher import Batcher, Message
 from worker.sweeper import Sweeper
@@ -47,7 +47,6 @@ class Worker:
         #: Rebuild the mirror before the next write: at start when Redis lacks it, and after
         #: Redis was unreachable (writes were skipped meanwhile).
         self._needs_rebuild = True
-        self._mirror_lock = threading.Lock()
         self._stopping = asyncio.Event()
 
     # ---- heartbeats and status reports ----------------------------------------------------
@@ -98,15 +97,13 @@ class Worker:
             result = await self._retry_transient(lambda: self._write(items))
         except SQLAlchemyError as exc:
             metrics.STORE_ERRORS.labels("batch").inc()
-            log.warning("batch of %d refused (%s); isolating the bad", len(items), _short(exc))
+            log.warning("batch of %d refused (%s); isolating the bad", len(items), short_error(exc))
             result = store.BatchResult()
             for item in items:
                 one = await self._write_one(item, invalid)
                 if one is None:
                     return None
-                result.inserted += one.inserted
-                result.duplicates += one.duplicates
-                result.states.extend(one.states)
+                result.add(one)
         if result is None:
             return None
         for rejection in invalid:
@@ -126,7 +123,7 @@ class Worker:
                     continue
                 error = InputError(
                     Reason.UNSTORABLE,
-                    f"refused {MAX_ATTEMPTS} times by the database: {_short(exc)}",
+                    f"refused {MAX_ATTEMPTS} times by the database: {short_error(exc)}",
                 )
                 raw = item.model_dump_json().encode()
                 invalid.append(
@@ -158,30 +155,22 @@ class Worker:
 
     def _mirror(self, states: list[state.DeviceState]) -> None:
         """Copy committed state to Redis. While Redis is down it is skipped (PostgreSQL holds
-        the truth); once it answers again, the whole mirror is rebuilt from PostgreSQL."""
-        with self._mirror_lock:
-            if not self.breaker.allow():
-                self._needs_rebuild = True
-                return
-            try:
-                if self._needs_rebuild:
-                    self._rebuild()
-                if states:
-                    state.mirror(self.redis, states)
-                self.breaker.succeeded()
-            except (redis.RedisError, SQLAlchemyError) as exc:
-                metrics.REDIS_ERRORS.labels("worker").inc()
-                self.breaker.failed()
-                self._needs_rebuild = True
-                log.warning("Redis mirror skipped (%s); rebuilt once Redis is back", _short(exc))
+        the truth), and `_keep_mirror` rebuilds the whole mirror once Redis is back."""
+        if states and not self.breaker.call(
+            lambda: state.mirror(self.redis, states),
+            service="worker",
+            skipped="mirror skipped; rebuilt once Redis is back",
+        ):
+            self._needs_rebuild = True
 
     async def _keep_mirror(self, stop: asyncio.Event, every_s: float = 1.0) -> None:
-        """Rebuild the mirror as soon as Redis is back, even when no batch comes to do it."""
+        """Rebuild the whole mirror from PostgreSQL: at start when Redis lacks it, and as soon
+        as Redis is back after skipped writes. Off the batch path: batches go on meanwhile
+        (writes are versioned, so neither overwrites the other's newer state)."""
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), every_s)
             if self._needs_rebuild and self.breaker.allow():
-                await asyncio.to_thread(self._mirror, [])
+                await asyncio.to_thread(self._rebuild)
+            await sleep_or_stop(stop, every_s)
 
     async def _watch_queues(self, stop: asyncio.Event, every_s: float = 5.0) -> None:
         """Consumer lag: how many messages wait in each queue (a passive declare; ready
@@ -196,8 +185,7 @@ class Worker:
                     metrics.QUEUE_DEPTH.labels(name).set(float("nan"))
                     continue
                 metrics.QUEUE_DEPTH.labels(name).set(queue.declaration_result.message_count)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), every_s)
+            await sleep_or_stop(stop, every_s)
 
     async def _maintain(self, stop: asyncio.Event) -> None:
         """Heartbeat partitions: created ahead and dropped after the retention period, now and
@@ -212,15 +200,25 @@ class Worker:
                     retention_days=s.retention_days,
                 )
             except SQLAlchemyError as exc:
-                log.warning("partition maintenance failed (%s); will retry", _short(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), s.maintenance_period_s)
+                log.warning("partition maintenance failed (%s); will retry", short_error(exc))
+            await sleep_or_stop(stop, s.maintenance_period_s)
 
     def _rebuild(self) -> None:
+        self._needs_rebuild = False  # a write skipped from now on asks for another rebuild
         started = time.perf_counter()
-        with self.engine.connect() as conn:
-            count = state.rebuild(self.redis, store.iter_states(conn))
-        self._needs_rebuild = False
+        try:
+            with self.engine.connect() as conn:
+                count = self.breaker.call(
+                    lambda: state.rebuild(self.redis, store.iter_states(conn)),
+                    service="worker",
+                    skipped="mirror not rebuilt yet",
+                )
+        except SQLAlchemyError as exc:
+            log.warning("mirror not rebuilt (%s); will retry", short_error(exc))
+            count = None
+        if count is None:
+            self._needs_rebuild = True
+            return
         log.info(
             "rebuilt the Redis mirror of %d devices in %.1f s",
             count,
@@ -240,7 +238,9 @@ class Worker:
                 if self._stopping.is_set():
                     log.warning("database unavailable while stopping; leaving batch unacked")
                     return None
-                log.warning("database unavailable (%s); retrying in %.1f s", _short(exc), delay)
+                log.warning(
+                    "database unavailable (%s); retrying in %.1f s", short_error(exc), delay
+                )
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 5.0)
 
@@ -281,14 +281,14 @@ class Worker:
     # ---- lifecycle ------------------------------------------------------------------------
 
     async def ready(self) -> dict[str, bool]:
-        connected = self._connection is not None and not self._connection.is_closed
-        return {"rabbitmq": connected, **await check_storage(self.engine, self.redis)}
+        return {
+            "rabbitmq": broker_ready(self._connection, self._publisher),
+            **await check_storage(self.engine, self.redis),
+        }
 
     async def serve(self, stop: asyncio.Event) -> None:
         s = self.settings
-        health = HealthServer(
-            s.health_host, s.worker_health_port, self.ready, optional=frozenset({"redis"})
-        )
+        health = HealthServer(s.health_host, s.worker_health_port, self.ready)
         await health.start()
         self._connection = await connect(str(s.amqp_url), name="gateway-worker")
         with contextlib.suppress(redis.RedisError):
@@ -337,9 +337,3 @@ def _claimed_device(message: Message) -> str | None:
         claimed = json.loads(message.body).get("device_id")
         return claimed if isinstance(claimed, str) else None
     return None
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text_ = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    line = text_[0] if text_ else type(exc).__name__
-    return line[:limit]

@@ -16,6 +16,8 @@ from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import liveness, metrics
+from gateway.db import short_error
+from gateway.service import sleep_or_stop
 from gateway.state import DeviceState
 
 log = logging.getLogger(__name__)
@@ -39,10 +41,6 @@ class Sweeper:
         self._batch = batch
         self._conn: Connection | None = None
 
-    @property
-    def is_leader(self) -> bool:
-        return self._conn is not None
-
     async def run(self, stop: asyncio.Event) -> None:
         try:
             while not stop.is_set():
@@ -57,10 +55,9 @@ class Sweeper:
                         changed = await asyncio.to_thread(self._sweep)
                         wait = 0 if changed >= self._batch else self._period_s
                 except SQLAlchemyError as exc:
-                    log.warning("sweeper lost the database (%s); will retry", str(exc)[:200])
+                    log.warning("sweeper lost the database (%s); will retry", short_error(exc))
                     await asyncio.to_thread(self._release)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), wait)
+                await sleep_or_stop(stop, wait)
         finally:
             await asyncio.to_thread(self._release)
 

@@ -16,34 +16,36 @@ branch_labels = None
 depends_on = None
 
 COLUMNS = "id, device_id, msg_id, seq, device_ts, received_at, stored_at, source, metrics"
+#: Every column but the key, as 0001 created them.
+DATA_COLUMNS = """
+  device_id text NOT NULL,
+  msg_id text NOT NULL,
+  seq bigint,
+  device_ts timestamptz,
+  received_at timestamptz NOT NULL,
+  stored_at timestamptz NOT NULL DEFAULT now(),
+  source text NOT NULL,
+  metrics jsonb NOT NULL"""
+INDEX = "CREATE INDEX ix_heartbeats_device_received ON heartbeats (device_id, received_at, id)"
+
+
+def _set_aside(name: str) -> None:
+    """Rename `heartbeats`, its index and its key out of the way of the new table."""
+    op.execute(f"ALTER TABLE heartbeats RENAME TO {name}")
+    op.execute(f"ALTER INDEX ix_heartbeats_device_received RENAME TO ix_{name}")
+    op.execute(f"ALTER TABLE {name} RENAME CONSTRAINT heartbeats_pkey TO {name}_pkey")
 
 
 def upgrade() -> None:
-    op.execute("ALTER TABLE heartbeats RENAME TO heartbeats_unpartitioned")
-    op.execute("ALTER INDEX ix_heartbeats_device_received RENAME TO ix_heartbeats_unpartitioned")
+    _set_aside("heartbeats_unpartitioned")
     op.execute(
-        "ALTER TABLE heartbeats_unpartitioned "
-        "RENAME CONSTRAINT heartbeats_pkey TO heartbeats_unpartitioned_pkey"
-    )
-    op.execute(
-        """
+        f"""
         CREATE TABLE heartbeats (
           id uuid NOT NULL,
-          stored_on date NOT NULL,
-          device_id text NOT NULL,
-          msg_id text NOT NULL,
-          seq bigint,
-          device_ts timestamptz,
-          received_at timestamptz NOT NULL,
-          stored_at timestamptz NOT NULL DEFAULT now(),
-          source text NOT NULL,
-          metrics jsonb NOT NULL,
+          stored_on date NOT NULL,{DATA_COLUMNS},
           CONSTRAINT heartbeats_pkey PRIMARY KEY (id, stored_on)
         ) PARTITION BY RANGE (stored_on)
         """
-    )
-    op.execute(
-        "CREATE INDEX ix_heartbeats_device_received ON heartbeats (device_id, received_at, id)"
     )
     # A partition for every day already stored, and for yesterday to three days ahead; the
     # worker keeps creating them ahead from now on.
@@ -70,31 +72,15 @@ def upgrade() -> None:
         f"SELECT (stored_at AT TIME ZONE 'UTC')::date, {COLUMNS} FROM heartbeats_unpartitioned"
     )
     op.execute("DROP TABLE heartbeats_unpartitioned")
+    op.execute(INDEX)  # once the rows are in: one build, not one insert at a time
 
 
 def downgrade() -> None:
-    op.execute("ALTER TABLE heartbeats RENAME TO heartbeats_partitioned")
-    op.execute("ALTER INDEX ix_heartbeats_device_received RENAME TO ix_heartbeats_partitioned")
+    _set_aside("heartbeats_partitioned")
+    op.execute(f"CREATE TABLE heartbeats (id uuid PRIMARY KEY,{DATA_COLUMNS})")
     op.execute(
-        "ALTER TABLE heartbeats_partitioned "
-        "RENAME CONSTRAINT heartbeats_pkey TO heartbeats_partitioned_pkey"
+        f"INSERT INTO heartbeats ({COLUMNS}) SELECT DISTINCT ON (id) {COLUMNS} "
+        "FROM heartbeats_partitioned ORDER BY id, stored_on"
     )
-    op.execute(
-        f"""
-        CREATE TABLE heartbeats (
-          id uuid PRIMARY KEY,
-          device_id text NOT NULL,
-          msg_id text NOT NULL,
-          seq bigint,
-          device_ts timestamptz,
-          received_at timestamptz NOT NULL,
-          stored_at timestamptz NOT NULL DEFAULT now(),
-          source text NOT NULL,
-          metrics jsonb NOT NULL
-        );
-        INSERT INTO heartbeats ({COLUMNS})
-          SELECT DISTINCT ON (id) {COLUMNS} FROM heartbeats_partitioned ORDER BY id, stored_on;
-        DROP TABLE heartbeats_partitioned;
-        CREATE INDEX ix_heartbeats_device_received ON heartbeats (device_id, received_at, id);
-        """
-    )
+    op.execute("DROP TABLE heartbeats_partitioned")
+    op.execute(INDEX)
