@@ -113,7 +113,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(operators.router)
     app.include_router(broker_auth.router)
 
-    app.add_middleware(RequestId)
+    app.add_middleware(ingest.FastIngest)
+    app.add_middleware(RequestId)  # the outer one: every response carries its id
 
     @app.exception_handler(SQLAlchemyError)
     async def database_unavailable(request: Request, exc: SQLAlchemyError) -> JSONResponse:

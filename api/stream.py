@@ -14,6 +14,7 @@ import json
 import logging
 import select
 import threading
+from collections.abc import Callable
 
 import psycopg2
 import psycopg2.extensions
@@ -73,16 +74,22 @@ class StatusStream:
                 queue.put_nowait(OVERFLOW)
 
     def _deliver(self, note: psycopg2.extensions.Notify) -> None:
-        assert self._loop is not None
         if note.channel == registry.CREDENTIALS_CHANNEL:
             if self._tokens is not None:
-                self._loop.call_soon_threadsafe(self._tokens.evict, note.payload)
+                self._on_loop(self._tokens.evict, note.payload)
         else:
-            self._loop.call_soon_threadsafe(self._publish, note.payload)
+            self._on_loop(self._publish, note.payload)
 
     def _tokens_active(self, active: bool) -> None:
-        if self._tokens is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._tokens.set_active, active)
+        if self._tokens is not None:
+            self._on_loop(self._tokens.set_active, active)
+
+    def _on_loop(self, callback: Callable[..., None], *args: object) -> None:
+        """Run `callback` on the api's event loop; nothing once that loop has closed (the
+        thread notices `stop` within a second, and may get one more notification first)."""
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(callback, *args)
 
     def _listen(self) -> None:
         delay = 0.5
