@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import uuid
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -48,7 +48,7 @@ class RequestId:
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")[:64]
-        rid = given or uuid.uuid4().hex[:16]
+        rid = given or os.urandom(8).hex()
         token = logs.request_id.set(rid)
 
         async def send_with_id(message: Message) -> None:
@@ -60,6 +60,18 @@ class RequestId:
             await self.app(scope, receive, send_with_id)
         finally:
             logs.request_id.reset(token)
+
+
+def create_server(settings: ApiSettings | None = None) -> ASGIApp:
+    """What uvicorn serves."""
+    return layered(create_app(settings))
+
+
+def layered(app: FastAPI) -> ASGIApp:
+    """The app behind two thin layers. `RequestId` is the outermost, so every response carries
+    its id, errors included; `FastIngest` takes known devices' heartbeats before FastAPI's own
+    middleware, routing and dependencies."""
+    return RequestId(ingest.FastIngest(app))
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -112,9 +124,6 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(ingest.router)
     app.include_router(operators.router)
     app.include_router(broker_auth.router)
-
-    app.add_middleware(ingest.FastIngest)
-    app.add_middleware(RequestId)  # the outer one: every response carries its id
 
     @app.exception_handler(SQLAlchemyError)
     async def database_unavailable(request: Request, exc: SQLAlchemyError) -> JSONResponse:

@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from api.context import Context, DevicePath, context
 from api.responses import errors, unauthorized
@@ -139,13 +139,14 @@ async def accept(
 
 class FastIngest:
     """`POST /api/v1/devices/{id}/heartbeats` from a device whose token this process has
-    already checked, served without FastAPI's routing and dependency solving, which cost
-    several times the heartbeat's own work. From the token on it runs the route's own code
-    (`accept`) and answers what the route would. Every other request, including a heartbeat
-    with no token, an unknown one, another device's or a disabled device's, goes to the route.
+    already checked, served without FastAPI's middleware, routing and dependency solving,
+    which cost several times the heartbeat's own work. From the token on it runs the route's
+    own code (`accept`) and answers what the route would. Every other request, including a
+    heartbeat with no token, an unknown one, another device's or a disabled device's, goes to
+    the app, whose route answers it.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: FastAPI) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -153,7 +154,7 @@ class FastIngest:
         if route is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        ctx: Context = scope["app"].state.context
+        ctx: Context = self.app.state.context
         headers = Headers(scope=scope)
         device_id = route.group(1)
         if not _known_sender(ctx, headers.get("authorization"), device_id):
@@ -166,9 +167,15 @@ class FastIngest:
             )
         except HTTPException as exc:
             response = JSONResponse({"detail": exc.detail}, exc.status_code, exc.headers)
-        else:
-            response = JSONResponse(accepted.model_dump(), status.HTTP_202_ACCEPTED)
-        await response(scope, receive, send)
+            await response(scope, receive, send)
+            return
+        body = accepted.model_dump_json().encode()
+        await send({"type": "http.response.start", "status": 202, "headers": _json_headers(body)})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _json_headers(body: bytes) -> list[tuple[bytes, bytes]]:
+    return [(b"content-length", b"%d" % len(body)), (b"content-type", b"application/json")]
 
 
 def _known_sender(ctx: Context, authorization: str | None, device_id: str) -> bool:

@@ -31,7 +31,7 @@ def main() -> int:
     settings = load(ApiSettings)  # refuses an unsafe operator token outside development
     logs.configure(settings.log_level, settings.log_format)
     config = uvicorn.Config(
-        "api.app:create_app",
+        "api.app:create_server",
         factory=True,
         workers=settings.api_workers,
         log_config=None,

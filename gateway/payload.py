@@ -68,6 +68,22 @@ MetricValue = Annotated[
     bool | int | float | str,
     PlainValidator(_metric_value, json_schema_input_type=bool | int | float | str),
 ]
+
+
+def _stored_metric_value(value: Any) -> bool | int | float | str:
+    """A metric as PostgreSQL returns it. jsonb keeps numbers as decimals, so a float written
+    with a positive exponent comes back whole (`1e+19` as `10000000000000000000`): an integer
+    outside the 64-bit range, which input refuses, was such a float."""
+    if type(value) is int and not -MAX_INT <= value <= MAX_INT:
+        return float(value)
+    return _metric_value(value)
+
+
+#: A metric read back from storage (device state, history): see `_stored_metric_value`.
+StoredMetricValue = Annotated[
+    bool | int | float | str,
+    PlainValidator(_stored_metric_value, json_schema_input_type=bool | int | float | str),
+]
 MsgId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
 
 

@@ -34,7 +34,7 @@ from sqlalchemy.sql import ColumnElement
 from gateway.liveness import StatusEvent
 from gateway.messages import DeviceStatus, show_bytes, utcnow
 from gateway.partitions import stored_since
-from gateway.payload import MetricValue
+from gateway.payload import StoredMetricValue
 from gateway.quality import LinkQuality
 from gateway.schema import device_events, devices, heartbeats, rejected
 from gateway.state import DeviceState
@@ -56,7 +56,7 @@ class LatestHeartbeat(BaseModel):
     seq: int | None
     ts: datetime | None
     source: str | None
-    metrics: dict[str, MetricValue]
+    metrics: dict[str, StoredMetricValue]
 
 
 class DeviceView(BaseModel):
@@ -67,7 +67,7 @@ class DeviceView(BaseModel):
     heartbeat_interval_s: int
     first_seen: datetime | None
     last_seen: datetime | None
-    metrics: dict[str, MetricValue]
+    metrics: dict[str, StoredMetricValue]
     latest_heartbeat: LatestHeartbeat | None
     #: When the status last changed, and why: heartbeat, status_message, last_will, timeout.
     status_changed_at: datetime | None
@@ -118,7 +118,7 @@ class HeartbeatRecord(BaseModel):
     received_at: datetime
     stored_at: datetime
     source: str
-    metrics: dict[str, MetricValue]
+    metrics: dict[str, StoredMetricValue]
 
 
 class RejectedRecord(BaseModel):
@@ -351,7 +351,7 @@ Aggregate = Literal["avg", "min", "max", "count", "last"]
 class MetricPoint(BaseModel):
     #: Start of the bucket.
     t: datetime
-    value: MetricValue | None
+    value: StoredMetricValue | None
 
 
 class MetricSeries(BaseModel):

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gateway import metrics
 from gateway.messages import DeviceStatus, utcnow
-from gateway.payload import MetricValue
+from gateway.payload import StoredMetricValue
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,7 +52,7 @@ class DeviceState(BaseModel):
     last_heartbeat_id: uuid.UUID | None = None
     last_seq: int | None = None
     last_device_ts: datetime | None = None
-    last_metrics: dict[str, MetricValue] = {}
+    last_metrics: dict[str, StoredMetricValue] = {}
     last_source: str | None = None
     status: DeviceStatus = DeviceStatus.NEVER_SEEN
     status_changed_at: datetime | None = None

@@ -17,7 +17,7 @@ from fastapi import Request
 from support import Device, history, poll
 from test_bad_input import PAYLOADS
 
-from api.app import create_app
+from api.app import create_app, layered
 from api.context import Context, context
 from gateway.localstack import LocalStack
 
@@ -57,7 +57,7 @@ def inproc(apps: LocalStack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
         return await context(request)
 
     app.dependency_overrides[context] = spied
-    with TestClient(app) as client:
+    with TestClient(layered(app)) as client:
         ctx: Context = app.state.context
         poll(lambda: ctx.tokens.active, what="the api's token cache to be active")
         yield Api(client, routed)
