@@ -3,12 +3,13 @@
 On a stack of its own (loopback only), in this order:
   (a) broker alone: MQTT QoS 1 publishes into the inbox, an AMQP consumer that only acks;
   (b) PostgreSQL alone: COPY of heartbeat rows;
-  (c) uvicorn alone: a handler that answers 202 and does nothing;
+  (c) uvicorn alone: a handler that answers 202 and does nothing, with 128 and 32 connections;
   MQTT end to end: the sustained rate of heartbeats committed to PostgreSQL, then the
     publish-to-commit latency at 50% and 90% of that rate;
   worker alone: a backlog of canonical messages drained into PostgreSQL;
-  HTTP end to end: `POST /heartbeats` (202 after the broker's confirm) with wrk, with one
-    api process and with two;
+  HTTP end to end: `POST /heartbeats` (202 after the broker's confirm) with wrk: one api
+    process with 128 connections, then paced at 50% and 90% of that rate (receive-to-commit
+    latency), with 32 connections, and two api processes with 128;
   soak: five minutes of MQTT at 50% of the sustained rate, the worker's memory sampled.
 It checks stored = acknowledged for every end-to-end run, and reports the ratios.
 """
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import aio_pika
 import psycopg2
-from sqlalchemy import func, select
+from sqlalchemy import func, literal_column, select
 
 from gateway import registry, topology
 from gateway.broker import Publisher
@@ -42,10 +43,15 @@ from gateway.settings import BridgeSettings
 from gateway.simulate import Credentials, Simulation, Tally, percentiles
 
 RESULTS = Path(__file__).parent / "results"
+COMMITTED_AT = literal_column("pg_xact_commit_timestamp(heartbeats.xmin)")
 MQTT_DEVICES = 100
 WINDOW_S = 15.0
 SOAK_S = 300.0
-WRK = ["wrk", "-t2", "-c32", "-d10s", "--latency"]
+#: HTTP load: wrk, 2 threads, for 10 s (WINDOW_S when paced); with 128 connections (a fleet's
+#: many clients) for the ratio, and with 32 too, where waiting for confirms bounds the rate.
+WRK = ["wrk", "-t2", "--latency"]
+CONNECTIONS = 128
+FEW_CONNECTIONS = 32
 BARE_PORT = 8299
 
 
@@ -80,13 +86,12 @@ def drive(
 
 
 def stored(stack: LocalStack, device_ids: list[str]) -> list[tuple[str, datetime]]:
-    """(msg_id, commit time) of the devices' stored heartbeats."""
+    """(msg_id, commit time) of the devices' stored heartbeats (the bench stack's PostgreSQL
+    tracks commit timestamps)."""
     engine = make_engine(stack.database_url)
     with engine.connect() as conn:
         rows = conn.execute(
-            select(heartbeats.c.msg_id, heartbeats.c.stored_at).where(
-                heartbeats.c.device_id.in_(device_ids)
-            )
+            select(heartbeats.c.msg_id, COMMITTED_AT).where(heartbeats.c.device_id.in_(device_ids))
         ).all()
     engine.dispose()
     return rows
@@ -181,9 +186,12 @@ def postgres_ceiling(stack: LocalStack, rows: int = 200_000) -> dict:
     return {"rows": rows, "rows_per_s": round(rows / elapsed)}
 
 
-def wrk(url: str, script: Path) -> dict:
+def wrk(url: str, script: Path, connections: int, seconds: float = 10) -> dict:
     done = subprocess.run(
-        [*WRK, "-s", str(script), url], capture_output=True, text=True, check=True
+        [*WRK, f"-c{connections}", f"-d{seconds:.0f}s", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     out = done.stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -192,6 +200,7 @@ def wrk(url: str, script: Path) -> dict:
     errors = re.search(r"Socket errors: (.*)", out)
     lat = {p: re.search(rf"\s{p}%\s+([\d.]+\w+)", out).group(1) for p in ("50", "90", "99")}
     return {
+        "connections": connections,
         "requests_per_s": round(rate),
         "requests": total,
         "non_2xx": int(bad.group(1)) if bad else 0,
@@ -200,18 +209,21 @@ def wrk(url: str, script: Path) -> dict:
     }
 
 
-def lua(token: str) -> Path:
+def lua(token: str, delay_ms: int = 0) -> Path:
+    """wrk's script: POST a heartbeat; with `delay_ms`, each connection waits that long before
+    each request (how a paced run holds a rate)."""
     script = Path(RESULTS / ".post.lua")
     script.write_text(
         'wrk.method = "POST"\n'
         'wrk.body = \'{"cpu": 12.5, "mem": 61.0, "temp_c": 48.2}\'\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'wrk.headers["Authorization"] = "Bearer {token}"\n'
+        + (f"function delay() return {delay_ms} end\n" if delay_ms else "")
     )
     return script
 
 
-def uvicorn_ceiling(token: str) -> dict:
+def uvicorn_ceiling(token: str, connections: int) -> dict:
     process = subprocess.Popen(
         [
             sys.executable,
@@ -232,7 +244,8 @@ def uvicorn_ceiling(token: str) -> dict:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise StackError("bare uvicorn did not start")
             time.sleep(0.05)
-        return wrk(f"http://127.0.0.1:{BARE_PORT}/api/v1/devices/bare/heartbeats", lua(token))
+        url = f"http://127.0.0.1:{BARE_PORT}/api/v1/devices/bare/heartbeats"
+        return wrk(url, lua(token), connections)
     finally:
         process.terminate()
         process.wait(10)
@@ -314,13 +327,52 @@ def worker_drain(stack: LocalStack, messages: int = 50_000) -> dict:
     return {"messages": messages, "stored": count, "rows_per_s": round(count / span)}
 
 
-def http_end_to_end(stack: LocalStack) -> dict:
+def http_end_to_end(stack: LocalStack, connections: int = CONNECTIONS) -> dict:
+    """wrk posting heartbeats; `stored_per_s` counts until the last of them was committed (it
+    is lower than `requests_per_s` when the worker falls behind)."""
     (cred,) = register(stack, f"http-{int(time.time())}", 1)
-    result = wrk(f"{stack.api_url}/api/v1/devices/{cred.device_id}/heartbeats", lua(cred.token))
+    url = f"{stack.api_url}/api/v1/devices/{cred.device_id}/heartbeats"
+    started = time.time()
+    result = wrk(url, lua(cred.token), connections)
     accepted = result["requests"] - result["non_2xx"]
     result["stored"] = wait_drained(stack, [cred.device_id], accepted)
     result["accepted"] = accepted
+    last_commit = max(at.timestamp() for _, at in stored(stack, [cred.device_id]))
+    result["stored_per_s"] = round(result["stored"] / (last_commit - started))
     return result
+
+
+def http_paced(stack: LocalStack, rate: float, connections: int = CONNECTIONS) -> dict:
+    """wrk held near `rate` for WINDOW_S, and the receive-to-commit latency of every heartbeat
+    (from its row: `received_at` set by the api, the commit time by PostgreSQL). The pause per
+    connection is set from a 5-second probe run on another device."""
+    probe, measured = register(stack, f"paced-{int(time.time())}", 2)
+    url = f"{stack.api_url}/api/v1/devices/{{}}/heartbeats"
+    cycle_ms = connections / rate * 1000
+    delay = max(0, round(cycle_ms - 5))
+    tried = wrk(url.format(probe.device_id), lua(probe.token, delay), connections, seconds=5)
+    delay = max(0, round(delay + cycle_ms - connections / tried["requests_per_s"] * 1000))
+    result = wrk(url.format(measured.device_id), lua(measured.token, delay), connections, WINDOW_S)
+    accepted = result["requests"] - result["non_2xx"]
+    stored_count = wait_drained(stack, [measured.device_id], accepted)
+    engine = make_engine(stack.database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(heartbeats.c.received_at, COMMITTED_AT).where(
+                heartbeats.c.device_id == measured.device_id
+            )
+        ).all()
+    engine.dispose()
+    latencies = [(committed - received).total_seconds() for received, committed in rows]
+    return {
+        "target_per_s": round(rate),
+        "rate_per_s": result["requests_per_s"],
+        "delay_ms": delay,
+        "accepted": accepted,
+        "stored": stored_count,
+        "response_latency": result["latency"],
+        **{k: round(v * 1000, 1) for k, v in percentiles(latencies).items()},
+    }
 
 
 def rss_mb(pid: int) -> float:
@@ -387,15 +439,22 @@ def main() -> int:
         say("(b) PostgreSQL alone (COPY)")
         postgres = postgres_ceiling(stack)
         (http_cred,) = register(stack, f"bare-{int(time.time())}", 1)
-        say("(c) uvicorn alone")
-        bare = uvicorn_ceiling(http_cred.token)
+        say(f"(c) uvicorn alone, {CONNECTIONS} and {FEW_CONNECTIONS} connections")
+        bare = uvicorn_ceiling(http_cred.token, CONNECTIONS)
+        bare_few = uvicorn_ceiling(http_cred.token, FEW_CONNECTIONS)
         say("MQTT end to end")
         mqtt = mqtt_end_to_end(stack)
         say("worker alone (draining a backlog)")
         drain = worker_drain(stack)
-        say("HTTP end to end")
+        say(f"HTTP end to end, {CONNECTIONS} connections")
         http = http_end_to_end(stack)
         usage = process_usage(stack)
+        for share in (0.5, 0.9):
+            target = http["stored_per_s"] * share
+            say(f"  HTTP: {share:.0%} of sustained ({target:.0f}/s) for {WINDOW_S:.0f} s")
+            http[f"at_{int(share * 100)}pct"] = http_paced(stack, target)
+        say(f"HTTP end to end, {FEW_CONNECTIONS} connections")
+        http_few = http_end_to_end(stack, FEW_CONNECTIONS)
         say("HTTP end to end, two api processes")
         stack.stop_app("api")
         stack.app_env["GATEWAY_API_WORKERS"] = "2"
@@ -411,19 +470,28 @@ def main() -> int:
         stack.down(echo=False)
     ratios = {
         "mqtt_e2e_over_broker": round(mqtt["sustained_per_s"] / broker["consumed_per_s"], 2),
-        "http_e2e_over_uvicorn": round(http["requests_per_s"] / bare["requests_per_s"], 2),
+        "http_e2e_over_uvicorn": round(http["stored_per_s"] / bare["requests_per_s"], 2),
+        f"http_e2e_over_uvicorn_{FEW_CONNECTIONS}_connections": round(
+            http_few["stored_per_s"] / bare_few["requests_per_s"], 2
+        ),
         "http_e2e_two_api_processes_over_uvicorn": round(
-            http_two["requests_per_s"] / bare["requests_per_s"], 2
+            http_two["stored_per_s"] / bare["requests_per_s"], 2
         ),
         "worker_over_copy": round(drain["rows_per_s"] / postgres["rows_per_s"], 2),
     }
     results = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(time.monotonic() - started),
-        "ceilings": {"broker": broker, "postgres_copy": postgres, "uvicorn": bare},
+        "ceilings": {
+            "broker": broker,
+            "postgres_copy": postgres,
+            "uvicorn": bare,
+            f"uvicorn_{FEW_CONNECTIONS}_connections": bare_few,
+        },
         "mqtt": mqtt,
         "worker": drain,
         "http": http,
+        f"http_{FEW_CONNECTIONS}_connections": http_few,
         "http_two_api_processes": http_two,
         "soak": soaked,
         "processes": usage,
@@ -432,7 +500,10 @@ def main() -> int:
         "no_loss": all(
             run["lost"] == 0 for run in (mqtt, mqtt["at_50pct"], mqtt["at_90pct"], soaked)
         )
-        and all(h["stored"] >= h["accepted"] for h in (http, http_two)),
+        and all(
+            h["stored"] >= h["accepted"]
+            for h in (http, http["at_50pct"], http["at_90pct"], http_few, http_two)
+        ),
     }
     out = RESULTS / f"{datetime.now(UTC):%Y-%m-%d}-throughput.json"
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -100,6 +100,8 @@ class LocalStack:
     app_env: dict[str, str] = field(default_factory=dict)
     #: rabbitmq.conf lines this stack sets differently (benchmarks compare configurations).
     rabbitmq_overrides: dict[str, str] = field(default_factory=dict)
+    #: PostgreSQL settings this stack adds (`-c name=value`).
+    postgres_settings: dict[str, str] = field(default_factory=dict)
     _processes: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -112,7 +114,8 @@ class LocalStack:
 
     @classmethod
     def bench(cls) -> LocalStack:
-        return cls("bench", BENCH_PORTS)
+        # Commit times of rows, so latencies end at the commit, not at the transaction's start.
+        return cls("bench", BENCH_PORTS, postgres_settings={"track_commit_timestamp": "on"})
 
     # ---- layout ---------------------------------------------------------------------------
 
@@ -428,6 +431,7 @@ class LocalStack:
         options = (
             f"-p {self.ports.postgres} -c listen_addresses=127.0.0.1 -k {base} "
             "-c max_connections=200 -c shared_buffers=256MB -c synchronous_commit=on"
+            + "".join(f" -c {name}={value}" for name, value in self.postgres_settings.items())
         )
         subprocess.run(
             [

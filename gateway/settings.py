@@ -57,8 +57,9 @@ class BridgeSettings(CommonSettings):
 
 class WorkerSettings(CommonSettings):
     worker_batch_size: int = Field(default=500, ge=1)
-    #: How long a partial batch waits for more messages before it is written.
-    worker_linger_ms: int = Field(default=50, ge=0)
+    #: How long a partial batch waits for more messages before it is written. With 0, a batch
+    #: is written as soon as the previous one is done, and what arrived meanwhile is the next.
+    worker_linger_ms: int = Field(default=0, ge=0)
     worker_prefetch: int = Field(default=1000, ge=1)
     #: How often the sweeper looks for devices whose deadline has passed.
     worker_sweep_period_s: float = Field(default=1.0, gt=0)

@@ -1,4 +1,5 @@
-"""Collect consumed messages into batches: flush when full or after a short linger."""
+"""Collect consumed messages into batches: flush when full, after a linger, or (with no linger)
+as soon as the previous batch is written."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ class Batcher:
                 waiter.cancel()
                 stopper.cancel()
                 continue
-            if self._weight < self._size and not stop.is_set():
+            if self._linger_s and self._weight < self._size and not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._full.wait(), self._linger_s)
             count, taken = 0, 0
