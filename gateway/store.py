@@ -8,18 +8,23 @@ nothing.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+import orjson
 from pydantic import TypeAdapter
 from sqlalchemy import (
+    JSON,
     Connection,
     Date,
     DateTime,
+    Float,
     Text,
     bindparam,
     case,
+    cast,
     column,
     func,
     select,
@@ -27,7 +32,7 @@ from sqlalchemy import (
     update,
     values,
 )
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import Insert, insert
 
 from gateway import liveness, partitions
 from gateway.liveness import StatusEvent
@@ -153,8 +158,7 @@ def _upsert_seen(
     heard = isinstance(seen[0], Heartbeat)
     reason = "heartbeat" if heard else "status_message"
     rows = []
-    # Sorted, so concurrent workers lock device rows in the same order (no deadlocks).
-    for device_id, m in sorted(_latest(seen).items()):
+    for device_id, m in _latest(seen).items():
         row = {
             "device_id": device_id,
             "heartbeat_interval_s": default_interval_s,
@@ -175,20 +179,48 @@ def _upsert_seen(
                 "last_source": m.source.value,
             }
         rows.append(row)
-    stmt = insert(devices)
-    new = stmt.excluded
+    stmt = _upsert_statement(heard)
+    params = {"rows": orjson.dumps(rows).decode(), "offline_factor": offline_factor}
+    return [DeviceState.from_row(r) for r in conn.execute(stmt, params).mappings()]
+
+
+#: The columns an upsert sets from what was heard; a heartbeat also sets `_LAST_COLUMNS`.
+_SEEN_COLUMNS = (
+    "device_id",
+    "heartbeat_interval_s",
+    "first_seen",
+    "last_seen",
+    "status",
+    "status_changed_at",
+    "status_reason",
+    "offline_deadline",
+)
+_LAST_COLUMNS = ("last_heartbeat_id", "last_seq", "last_device_ts", "last_metrics", "last_source")
+
+
+@functools.cache
+def _upsert_statement(heard: bool) -> Insert:
+    """Built once per kind. The rows arrive as one JSON parameter (`rows`), unpacked by
+    PostgreSQL in device order, so concurrent workers lock device rows in the same order."""
     d = devices.c
+    names = _SEEN_COLUMNS + (_LAST_COLUMNS if heard else ())
+    source = (
+        func.json_to_recordset(cast(bindparam("rows", type_=Text), JSON))
+        .table_valued(*(column(name, d[name].type) for name in names))
+        .render_derived(name="seen", with_types=True)
+    )
+    stmt = insert(devices).from_select(
+        names, select(*(source.c[name] for name in names)).order_by(source.c.device_id)
+    )
+    new = stmt.excluded
     newer = d.last_seen.is_(None) | (new.last_seen > d.last_seen)
     # Heard from after its last change of status (a late message changes nothing).
     revives = d.status_changed_at.is_(None) | (new.last_seen > d.status_changed_at)
     turns_online = revives & (d.status != DeviceStatus.ONLINE.value)
+    offline_factor = bindparam("offline_factor", type_=Float)
     deadline = func.greatest(d.last_seen, new.last_seen) + func.make_interval(
         0, 0, 0, 0, 0, 0, d.heartbeat_interval_s * offline_factor
     )
-
-    def if_newer(column: str):
-        return case((newer, new[column]), else_=d[column])
-
     set_ = {
         "first_seen": func.least(d.first_seen, new.first_seen),
         "last_seen": func.greatest(d.last_seen, new.last_seen),
@@ -199,18 +231,8 @@ def _upsert_seen(
         "version": d.version + 1,
     }
     if heard:
-        set_ |= {
-            column: if_newer(column)
-            for column in (
-                "last_heartbeat_id",
-                "last_seq",
-                "last_device_ts",
-                "last_metrics",
-                "last_source",
-            )
-        }
-    stmt = stmt.on_conflict_do_update(index_elements=[d.device_id], set_=set_).returning(*d)
-    return [DeviceState.from_row(r) for r in conn.execute(stmt, rows).mappings()]
+        set_ |= {name: case((newer, new[name]), else_=d[name]) for name in _LAST_COLUMNS}
+    return stmt.on_conflict_do_update(index_elements=[d.device_id], set_=set_).returning(*d)
 
 
 def _apply_offline(conn: Connection, reports: Sequence[StatusReport]) -> list[DeviceState]:
