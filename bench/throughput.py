@@ -440,6 +440,8 @@ def main() -> int:
     stack.down(echo=False)
     started = time.monotonic()
     try:
+        stack.up(apps=False, echo=False)
+        stack.empty()  # each run starts from nothing stored
         stack.up(echo=False)
         ceiling_creds = register(stack, f"ceiling-{int(time.time())}", MQTT_DEVICES)
         say("(a) broker alone")

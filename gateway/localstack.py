@@ -25,7 +25,9 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from gateway import topology
 from gateway.topology import SERVICE_PASSWORD, SERVICE_USER
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -454,6 +456,14 @@ class LocalStack:
         self._create_database()
 
     def _create_database(self) -> None:
+        with self._postgres_admin() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
+            if cur.fetchone() is None:
+                cur.execute(f'CREATE DATABASE "{DATABASE}"')
+
+    @contextlib.contextmanager
+    def _postgres_admin(self) -> Iterator[Any]:
+        """A cursor on the `postgres` database, in autocommit (for CREATE and DROP DATABASE)."""
         import psycopg2
 
         with contextlib.closing(
@@ -468,9 +478,24 @@ class LocalStack:
         ) as conn:
             conn.autocommit = True
             with conn.cursor() as cur:
-                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
-                if cur.fetchone() is None:
-                    cur.execute(f'CREATE DATABASE "{DATABASE}"')
+                yield cur
+
+    def empty(self) -> None:
+        """Start over from nothing stored: a new, migrated gateway database, no Redis keys and
+        empty queues (benchmarks start each run from the same state). Stops the apps first."""
+        import redis
+
+        for name in ("api", "bridge", "worker"):
+            self.stop_app(name)
+        with self._postgres_admin() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
+        self._create_database()
+        self.migrate()
+        with contextlib.closing(redis.Redis.from_url(self.redis_url)) as client:
+            client.flushdb()
+        for queue in (topology.MQTT_INBOX_QUEUE, topology.WORK_QUEUE, topology.REJECTED_QUEUE):
+            with contextlib.suppress(urllib.error.HTTPError):  # not declared yet
+                self.management("DELETE", f"/api/queues/%2F/{queue}/contents")
 
     def stop_postgres(self) -> None:
         component = self.component("postgres")
