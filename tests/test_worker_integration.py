@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from datetime import UTC, datetime, timedelta
 
 import aio_pika
@@ -277,3 +278,23 @@ def test_what_is_stored_reads_back_as_sent(engine: Engine, seq, ts, msg_id, metr
             assert float(metrics[name]) == value, name
         else:
             assert metrics[name] == value and type(metrics[name]) is type(value), name
+
+
+def test_the_worker_logs_a_summary_not_every_batch(stack, caplog) -> None:
+    worker = worker_for("amqp://unused/", stack)
+    worker._written.add(stored=480, duplicates=20, rejected=1, seconds=0.25)
+    worker._written.add(stored=12, duplicates=0, rejected=0, seconds=0.01)
+
+    async def summarize() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker._summarize(stop, every_s=0.05))
+        await asyncio.sleep(0.2)  # several periods: only the first had anything to say
+        stop.set()
+        await task
+
+    with caplog.at_level(logging.INFO, logger="worker.service"):
+        asyncio.run(summarize())
+    worker.engine.dispose()
+    assert [r.getMessage() for r in caplog.records if r.name == "worker.service"] == [
+        "last 0 s: 2 batches, 492 stored, 20 duplicates, 1 rejected; slowest batch 250 ms"
+    ]

@@ -9,6 +9,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import aio_pika.abc
 import redis
@@ -34,6 +35,29 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 
 
+@dataclass
+class Written:
+    batches: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    slowest_s: float = 0.0
+    since: float = field(default_factory=time.monotonic)
+
+    def add(self, stored: int, duplicates: int, rejected: int, seconds: float) -> None:
+        self.batches += 1
+        self.stored += stored
+        self.duplicates += duplicates
+        self.rejected += rejected
+        self.slowest_s = max(self.slowest_s, seconds)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.batches} batches, {self.stored} stored, {self.duplicates} duplicates, "
+            f"{self.rejected} rejected; slowest batch {self.slowest_s * 1000:.0f} ms"
+        )
+
+
 class Worker:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
@@ -48,6 +72,8 @@ class Worker:
         #: Redis was unreachable (writes were skipped meanwhile).
         self._needs_rebuild = True
         self._stopping = asyncio.Event()
+        #: What was written since the last summary line (each batch is logged at DEBUG only).
+        self._written = Written()
 
     # ---- heartbeats and status reports ----------------------------------------------------
 
@@ -73,7 +99,8 @@ class Worker:
         elapsed = time.perf_counter() - started
         metrics.BATCH_SIZE.observe(len(items) + len(invalid))
         metrics.BATCH_SECONDS.observe(elapsed)
-        log.info(
+        self._written.add(result.inserted, result.duplicates, len(invalid), elapsed)
+        log.debug(
             "batch: %d messages (%d items), %d stored, %d duplicates, %d rejected, %d devices, "
             "%.1f ms",
             len(messages),
@@ -186,6 +213,14 @@ class Worker:
                     continue
                 metrics.QUEUE_DEPTH.labels(name).set(queue.declaration_result.message_count)
             await sleep_or_stop(stop, every_s)
+
+    async def _summarize(self, stop: asyncio.Event, every_s: float = 60.0) -> None:
+        """One INFO line a minute on what was written, instead of one per batch."""
+        while not stop.is_set():
+            await sleep_or_stop(stop, every_s)
+            written, self._written = self._written, Written()
+            if written.batches:
+                log.info("last %.0f s: %s", time.monotonic() - written.since, written)
 
     async def _maintain(self, stop: asyncio.Event) -> None:
         """Heartbeat partitions: created ahead and dropped after the retention period, now and
@@ -319,6 +354,7 @@ class Worker:
                 tasks.create_task(self._watch_queues(self._stopping), name="queues:depth")
                 tasks.create_task(sweeper.run(self._stopping), name="sweeper")
                 tasks.create_task(self._maintain(self._stopping), name="partitions")
+                tasks.create_task(self._summarize(self._stopping), name="summary")
                 await stop.wait()
                 log.info("stopping: no new messages; flushing %d", work.pending + dead.pending)
                 for queue, tag in consumers:
