@@ -10,11 +10,10 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import BaseModel
-from starlette.datastructures import Headers
-from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from api.context import Context, DevicePath, context
@@ -155,46 +154,33 @@ class FastIngest:
             await self.app(scope, receive, send)
             return
         ctx: Context = self.app.state.context
-        headers = Headers(scope=scope)
+        request = Request(scope, receive)
         device_id = route.group(1)
-        if not _known_sender(ctx, headers.get("authorization"), device_id):
+        if not _known_sender(ctx, request.headers.get("authorization"), device_id):
             await self.app(scope, receive, send)
             return
         received_at = utcnow()
         try:
             accepted = await accept(
-                ctx, device_id, headers, _chunks(receive), scope["path"], received_at
+                ctx, device_id, request.headers, request.stream(), scope["path"], received_at
             )
         except HTTPException as exc:
-            response = JSONResponse({"detail": exc.detail}, exc.status_code, exc.headers)
-            await response(scope, receive, send)
+            await (await http_exception_handler(request, exc))(scope, receive, send)
             return
         body = accepted.model_dump_json().encode()
-        await send({"type": "http.response.start", "status": 202, "headers": _json_headers(body)})
+        headers = [(b"content-length", b"%d" % len(body)), (b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 202, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 
-def _json_headers(body: bytes) -> list[tuple[bytes, bytes]]:
-    return [(b"content-length", b"%d" % len(body)), (b"content-type", b"application/json")]
-
-
 def _known_sender(ctx: Context, authorization: str | None, device_id: str) -> bool:
-    """The token is one this process already checked, of this device, and it is enabled."""
-    scheme, _, token = (authorization or "").partition(" ")
+    """The token is one this process already checked, of this device, and it is enabled.
+    (The header is read as `device_bearer` reads it.)"""
+    scheme, token = get_authorization_scheme_param(authorization)
     if scheme.lower() != "bearer" or not token:
         return False
     identity = ctx.tokens.get(token_hash(token))
     return identity is not None and identity.device_id == device_id and identity.enabled
-
-
-async def _chunks(receive: Receive) -> AsyncIterator[bytes]:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect
-        yield message.get("body", b"")
-        if not message.get("more_body", False):
-            return
 
 
 async def authenticate_device(

@@ -27,10 +27,11 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import psycopg2
-from sqlalchemy import func, literal_column, select
+from sqlalchemy import ColumnElement, func, literal_column, select
 
 from gateway import registry, topology
 from gateway.broker import Publisher
@@ -86,16 +87,23 @@ def drive(
     return sim.run_for(seconds, progress)
 
 
-def stored(stack: LocalStack, device_ids: list[str]) -> list[tuple[str, datetime]]:
-    """(msg_id, commit time) of the devices' stored heartbeats (the bench stack's PostgreSQL
+def stored(
+    stack: LocalStack, device_ids: list[str], key: ColumnElement = heartbeats.c.msg_id
+) -> list[tuple[Any, datetime]]:
+    """(`key`, commit time) of the devices' stored heartbeats (the bench stack's PostgreSQL
     tracks commit timestamps)."""
     engine = make_engine(stack.database_url)
     with engine.connect() as conn:
         rows = conn.execute(
-            select(heartbeats.c.msg_id, COMMITTED_AT).where(heartbeats.c.device_id.in_(device_ids))
+            select(key, COMMITTED_AT).where(heartbeats.c.device_id.in_(device_ids))
         ).all()
     engine.dispose()
     return rows
+
+
+def in_ms(latencies: list[float]) -> dict[str, float]:
+    """p50, p95 and p99 of latencies in seconds, in milliseconds."""
+    return {k: round(v * 1000, 1) for k, v in percentiles(latencies).items()}
 
 
 def wait_drained(stack: LocalStack, device_ids: list[str], expected: int, timeout: float = 300):
@@ -198,13 +206,15 @@ def wrk(url: str, script: Path, connections: int, seconds: float = 10) -> dict:
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    non_2xx = int(bad.group(1)) if bad else 0
     errors = re.search(r"Socket errors: (.*)", out)
     lat = {p: re.search(rf"\s{p}%\s+([\d.]+\w+)", out).group(1) for p in ("50", "90", "99")}
     return {
         "connections": connections,
         "requests_per_s": round(rate),
         "requests": total,
-        "non_2xx": int(bad.group(1)) if bad else 0,
+        "non_2xx": non_2xx,
+        "accepted": total - non_2xx,
         "socket_errors": errors.group(1) if errors else "",
         "latency": lat,
     }
@@ -284,7 +294,7 @@ def mqtt_run(
         "acknowledged": len(tally.acked),
         "stored": len(rows),
         "lost": len(set(tally.acked) - {m for m, _ in rows}),
-        **{k: round(v * 1000, 1) for k, v in percentiles(latencies).items()},
+        **in_ms(latencies),
     }
     return summary, rows
 
@@ -341,9 +351,7 @@ def http_end_to_end(stack: LocalStack, connections: int = CONNECTIONS) -> dict:
     url = f"{stack.api_url}/api/v1/devices/{cred.device_id}/heartbeats"
     started = time.time()
     result = wrk(url, lua(cred.token), connections)
-    accepted = result["requests"] - result["non_2xx"]
-    result["stored"] = wait_drained(stack, [cred.device_id], accepted)
-    result["accepted"] = accepted
+    result["stored"] = wait_drained(stack, [cred.device_id], result["accepted"])
     last_commit = max(at.timestamp() for _, at in stored(stack, [cred.device_id]))
     result["stored_per_s"] = round(result["stored"] / (last_commit - started))
     return result
@@ -361,25 +369,17 @@ def http_paced(stack: LocalStack, rate: float, connections: int = 4 * CONNECTION
     tried = wrk(url.format(probe.device_id), lua(probe.token, delay), connections, seconds=5)
     delay = max(0, round(delay + cycle_ms - connections / tried["requests_per_s"] * 1000))
     result = wrk(url.format(measured.device_id), lua(measured.token, delay), connections, WINDOW_S)
-    accepted = result["requests"] - result["non_2xx"]
-    stored_count = wait_drained(stack, [measured.device_id], accepted)
-    engine = make_engine(stack.database_url)
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(heartbeats.c.received_at, COMMITTED_AT).where(
-                heartbeats.c.device_id == measured.device_id
-            )
-        ).all()
-    engine.dispose()
+    stored_count = wait_drained(stack, [measured.device_id], result["accepted"])
+    rows = stored(stack, [measured.device_id], heartbeats.c.received_at)
     latencies = [(committed - received).total_seconds() for received, committed in rows]
     return {
         "target_per_s": round(rate),
         "rate_per_s": result["requests_per_s"],
         "delay_ms": delay,
-        "accepted": accepted,
+        "accepted": result["accepted"],
         "stored": stored_count,
         "response_latency": result["latency"],
-        **{k: round(v * 1000, 1) for k, v in percentiles(latencies).items()},
+        **in_ms(latencies),
     }
 
 

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Date,
     DateTime,
     Float,
+    Table,
     Text,
     bindparam,
     case,
@@ -28,11 +29,11 @@ from sqlalchemy import (
     column,
     func,
     select,
-    text,
     update,
     values,
 )
 from sqlalchemy.dialects.postgresql import Insert, insert
+from sqlalchemy.sql.selectable import TableValuedAlias
 
 from gateway import liveness, partitions
 from gateway.liveness import StatusEvent
@@ -112,27 +113,50 @@ def _insert_heartbeats(conn: Connection, beats: Sequence[Heartbeat], window_days
     fresh = [b for b in beats if b.id not in earlier]
     if not fresh:
         return 0
-    rows = _HEARTBEAT_ROWS.dump_json(fresh).decode()
-    return len(conn.execute(_INSERT_HEARTBEATS, {"day": day, "rows": rows}).all())
+    params = {"day": day, "rows": _HEARTBEAT_ROWS.dump_json(fresh).decode()}
+    return len(conn.execute(_insert_statement(), params).all())
 
 
-#: A batch's heartbeats travel as one JSON parameter that PostgreSQL unpacks into rows (the
-#: fields that are not columns are ignored): far less work in the worker than binding each
-#: value of each row.
+#: The heartbeat fields stored as columns of the same name.
+_HEARTBEAT_COLUMNS = (
+    "id",
+    "device_id",
+    "msg_id",
+    "seq",
+    "device_ts",
+    "received_at",
+    "source",
+    "metrics",
+)
 _HEARTBEAT_ROWS = TypeAdapter(list[Heartbeat])
-_INSERT_HEARTBEATS = text(
-    """
-    INSERT INTO heartbeats
-        (id, stored_on, device_id, msg_id, seq, device_ts, received_at, source, metrics)
-    SELECT r.id, :day, r.device_id, r.msg_id, r.seq, r.device_ts, r.received_at, r.source,
-           r.metrics
-    FROM json_to_recordset(CAST(:rows AS json)) AS r(
-        id uuid, device_id text, msg_id text, seq bigint, device_ts timestamptz,
-        received_at timestamptz, source text, metrics jsonb)
-    ON CONFLICT (id, stored_on) DO NOTHING
-    RETURNING id
-    """
-).bindparams(bindparam("day", type_=Date))
+
+
+def _json_rows(table: Table, names: Sequence[str]) -> TableValuedAlias:
+    """The rows of a batch, sent as one JSON parameter (`rows`) that PostgreSQL unpacks, typed
+    like `table`'s columns `names` (other fields are ignored): far less work in the worker than
+    binding each value of each row."""
+    return (
+        func.json_to_recordset(cast(bindparam("rows", type_=Text), JSON))
+        .table_valued(*(column(name, table.c[name].type) for name in names))
+        .render_derived(name="r", with_types=True)
+    )
+
+
+@functools.cache
+def _insert_statement() -> Insert:
+    """Built once: the rows from `_json_rows`, all under the partition of `day`."""
+    h = heartbeats.c
+    rows = _json_rows(heartbeats, _HEARTBEAT_COLUMNS)
+    stored_on = cast(bindparam("day"), Date)
+    return (
+        insert(heartbeats)
+        .from_select(
+            ["stored_on", *_HEARTBEAT_COLUMNS],
+            select(stored_on, *(rows.c[name] for name in _HEARTBEAT_COLUMNS)),
+        )
+        .on_conflict_do_nothing(index_elements=[h.id, h.stored_on])
+        .returning(h.id)
+    )
 
 
 def _latest(messages: Sequence[Heartbeat | StatusReport]) -> dict[str, Heartbeat | StatusReport]:
@@ -200,17 +224,13 @@ _LAST_COLUMNS = ("last_heartbeat_id", "last_seq", "last_device_ts", "last_metric
 
 @functools.cache
 def _upsert_statement(heard: bool) -> Insert:
-    """Built once per kind. The rows arrive as one JSON parameter (`rows`), unpacked by
-    PostgreSQL in device order, so concurrent workers lock device rows in the same order."""
+    """Built once per kind. The rows come from `_json_rows`, in device order, so concurrent
+    workers lock device rows in the same order."""
     d = devices.c
     names = _SEEN_COLUMNS + (_LAST_COLUMNS if heard else ())
-    source = (
-        func.json_to_recordset(cast(bindparam("rows", type_=Text), JSON))
-        .table_valued(*(column(name, d[name].type) for name in names))
-        .render_derived(name="seen", with_types=True)
-    )
+    rows = _json_rows(devices, names)
     stmt = insert(devices).from_select(
-        names, select(*(source.c[name] for name in names)).order_by(source.c.device_id)
+        names, select(*(rows.c[name] for name in names)).order_by(rows.c.device_id)
     )
     new = stmt.excluded
     newer = d.last_seen.is_(None) | (new.last_seen > d.last_seen)

@@ -218,9 +218,13 @@ class Worker:
         """One INFO line a minute on what was written, instead of one per batch."""
         while not stop.is_set():
             await sleep_or_stop(stop, every_s)
-            written, self._written = self._written, Written()
-            if written.batches:
-                log.info("last %.0f s: %s", time.monotonic() - written.since, written)
+            self.summarize()
+
+    def summarize(self) -> None:
+        """Log what was written since the last call, if anything, and start counting again."""
+        written, self._written = self._written, Written()
+        if written.batches:
+            log.info("last %.0f s: %s", time.monotonic() - written.since, written)
 
     async def _maintain(self, stop: asyncio.Event) -> None:
         """Heartbeat partitions: created ahead and dropped after the retention period, now and
