@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Annotated
 
+import orjson
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -154,23 +155,33 @@ class FastIngest:
             await self.app(scope, receive, send)
             return
         ctx: Context = self.app.state.context
-        request = Request(scope, receive)
+        headers = _first_headers(scope)
         device_id = route.group(1)
-        if not _known_sender(ctx, request.headers.get("authorization"), device_id):
+        if not _known_sender(ctx, headers.get("authorization"), device_id):
             await self.app(scope, receive, send)
             return
         received_at = utcnow()
+        request = Request(scope, receive)
         try:
             accepted = await accept(
-                ctx, device_id, request.headers, request.stream(), scope["path"], received_at
+                ctx, device_id, headers, request.stream(), scope["path"], received_at
             )
         except HTTPException as exc:
             await (await http_exception_handler(request, exc))(scope, receive, send)
             return
-        body = accepted.model_dump_json().encode()
+        body = orjson.dumps({"id": accepted.id})
         headers = [(b"content-length", b"%d" % len(body)), (b"content-type", b"application/json")]
         await send({"type": "http.response.start", "status": 202, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _first_headers(scope: Scope) -> dict[str, str]:
+    """The request's headers by lower-case name, the first of each name winning, as in
+    Starlette's `Headers.get` (one pass, instead of one scan of the list per header read)."""
+    return {
+        name.decode("latin-1"): value.decode("latin-1")
+        for name, value in reversed(scope["headers"])
+    }
 
 
 def _known_sender(ctx: Context, authorization: str | None, device_id: str) -> bool:

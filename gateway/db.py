@@ -16,8 +16,9 @@ from gateway.partitions import DayTurned
 def make_engine(
     url: str, *, pool_size: int = 5, pre_ping: bool = True, autocommit: bool = False
 ) -> Engine:
-    """A pooled engine. `pre_ping` costs a round trip per checkout: right for a worker's batch,
-    too dear for a request path (a dead connection there costs one 503 and is replaced).
+    """A pooled engine. `pre_ping` costs a round trip per checkout: right for occasional work,
+    too dear for a request path (a dead connection there costs one 503 and is replaced) or a
+    worker's batch (a dead connection fails the batch once, and the worker retries it).
     `autocommit` suits single-statement reads: no BEGIN and no ROLLBACK around them."""
     return create_engine(
         url,

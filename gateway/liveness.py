@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from pydantic import BaseModel
-from sqlalchemy import Connection, bindparam, func, insert, select, text
+from sqlalchemy import Connection, any_, bindparam, func, insert, select, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.types import Text
 
@@ -37,14 +37,17 @@ class StatusEvent(BaseModel):
     reason: str
 
 
+_LOCK_STATUSES = (
+    select(devices.c.device_id, devices.c.status)
+    .where(devices.c.device_id == any_(bindparam("ids", type_=ARRAY(Text))))
+    .order_by(devices.c.device_id)
+    .with_for_update()
+)
+
+
 def lock_statuses(conn: Connection, device_ids: list[str]) -> dict[str, DeviceStatus]:
     """The current status of these devices, row-locked until commit (in id order: no deadlock)."""
-    rows = conn.execute(
-        select(devices.c.device_id, devices.c.status)
-        .where(devices.c.device_id.in_(sorted(device_ids)))
-        .order_by(devices.c.device_id)
-        .with_for_update()
-    ).all()
+    rows = conn.execute(_LOCK_STATUSES, {"ids": sorted(set(device_ids))}).all()
     return {device_id: DeviceStatus(status) for device_id, status in rows}
 
 

@@ -155,6 +155,38 @@ def parse_timestamp(value: Any) -> datetime:
     raise ValueError("ts must be RFC 3339 text or epoch seconds/milliseconds")
 
 
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise InputError(Reason.DUPLICATE_KEY, f"key {key[:64]!r} appears more than once")
+            seen.add(key)
+    return obj
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InputError(Reason.NON_FINITE_NUMBER, f"{name} is not a valid number; send a finite value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InputError(
+            Reason.NON_FINITE_NUMBER, f"number {text[:32]} is too large to be a finite value"
+        )
+    return value
+
+
+#: Built once (`json.loads` with hooks builds a decoder per call).
+_STRICT_JSON = json.JSONDecoder(
+    object_pairs_hook=_object_without_duplicates,
+    parse_constant=_refuse_constant,
+    parse_float=_finite_float,
+)
+
+
 def decode_json(raw: bytes) -> Any:
     """Strict JSON: UTF-8, no NaN/Infinity, no duplicate keys, bounded nesting."""
     if len(raw) > MAX_PAYLOAD_BYTES:
@@ -165,13 +197,10 @@ def decode_json(raw: bytes) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(Reason.NOT_UTF8, f"payload is not UTF-8 (byte {exc.start})") from None
+    if text.startswith("\ufeff"):
+        raise InputError(Reason.NOT_JSON, "payload is not JSON: it starts with a UTF-8 BOM")
     try:
-        return json.loads(
-            text,
-            object_pairs_hook=_object_without_duplicates,
-            parse_constant=_refuse_constant,
-            parse_float=_finite_float,
-        )
+        return _STRICT_JSON.decode(text)
     except InputError:
         raise
     except RecursionError:
@@ -215,30 +244,6 @@ def describe_validation_error(exc: ValidationError) -> str:
 def _is_type_tag(part: Any) -> bool:
     # Pydantic names union members in error locations (`metrics.cpu.float`); users don't care.
     return isinstance(part, str) and part in {"bool", "int", "float", "str", "constrained-str"}
-
-
-def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise InputError(Reason.DUPLICATE_KEY, f"key {key[:64]!r} appears more than once")
-            seen.add(key)
-    return obj
-
-
-def _refuse_constant(name: str) -> Any:
-    raise InputError(Reason.NON_FINITE_NUMBER, f"{name} is not a valid number; send a finite value")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise InputError(
-            Reason.NON_FINITE_NUMBER, f"number {text[:32]} is too large to be a finite value"
-        )
-    return value
 
 
 def _depth(value: Any, level: int = 1) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import date, timedelta
 
 import orjson
 from pydantic import TypeAdapter
@@ -102,19 +102,16 @@ def _insert_heartbeats(conn: Connection, beats: Sequence[Heartbeat], window_days
     """Store the heartbeats not stored yet, under today's partition; returns how many.
 
     Copies stored today meet the primary key `(id, stored_on)`; copies stored on the
-    `window_days` days before are looked up first (0: on every day kept; see
-    `gateway.partitions`)."""
+    `window_days` days before (0: on every day kept; see `gateway.partitions`) are looked up
+    by the same statement, so a batch costs one round trip however many it holds."""
     day = partitions.claim_day(conn)
     partitions.ensure(conn, day)
-    h = heartbeats.c
-    ids = list({b.id for b in beats})
-    since = [h.stored_on >= day - timedelta(days=window_days)] if window_days else []
-    earlier = set(conn.scalars(select(h.id).where(h.id.in_(ids), h.stored_on < day, *since)))
-    fresh = [b for b in beats if b.id not in earlier]
-    if not fresh:
-        return 0
-    params = {"day": day, "rows": _HEARTBEAT_ROWS.dump_json(fresh).decode()}
-    return len(conn.execute(_insert_statement(), params).all())
+    params = {
+        "day": day,
+        "since": day - timedelta(days=window_days) if window_days else date.min,
+        "rows": _HEARTBEAT_ROWS.dump_json(beats).decode(),
+    }
+    return conn.execute(_insert_statement(), params).rowcount
 
 
 #: The heartbeat fields stored as columns of the same name.
@@ -144,18 +141,28 @@ def _json_rows(table: Table, names: Sequence[str]) -> TableValuedAlias:
 
 @functools.cache
 def _insert_statement() -> Insert:
-    """Built once: the rows from `_json_rows`, all under the partition of `day`."""
+    """Built once: the rows from `_json_rows` not stored on an earlier day since `since`, all
+    under the partition of `day`."""
     h = heartbeats.c
     rows = _json_rows(heartbeats, _HEARTBEAT_COLUMNS)
-    stored_on = cast(bindparam("day"), Date)
+    day = cast(bindparam("day"), Date)
+    earlier = heartbeats.alias("earlier")
+    stored_before = (
+        select(earlier.c.id)
+        .where(
+            earlier.c.id == rows.c.id,
+            earlier.c.stored_on < day,
+            earlier.c.stored_on >= cast(bindparam("since"), Date),
+        )
+        .exists()
+    )
     return (
         insert(heartbeats)
         .from_select(
             ["stored_on", *_HEARTBEAT_COLUMNS],
-            select(stored_on, *(rows.c[name] for name in _HEARTBEAT_COLUMNS)),
+            select(day, *(rows.c[name] for name in _HEARTBEAT_COLUMNS)).where(~stored_before),
         )
         .on_conflict_do_nothing(index_elements=[h.id, h.stored_on])
-        .returning(h.id)
     )
 
 

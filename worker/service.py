@@ -61,7 +61,7 @@ class Written:
 class Worker:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
-        self.engine: Engine = make_engine(str(settings.database_url), pool_size=3)
+        self.engine: Engine = make_engine(str(settings.database_url), pool_size=3, pre_ping=False)
         self.redis = redis.Redis.from_url(
             str(settings.redis_url), socket_timeout=2, socket_connect_timeout=2
         )
