@@ -4,8 +4,8 @@ On a stack of its own (loopback only), in this order:
   (a) broker alone: MQTT QoS 1 publishes into the inbox, an AMQP consumer that only acks;
   (b) PostgreSQL alone: COPY of heartbeat rows;
   (c) uvicorn alone: a handler that answers 202 and does nothing, with 128 and 32 connections;
-  MQTT end to end: the sustained rate of heartbeats committed to PostgreSQL, then the
-    publish-to-commit latency at 50% and 90% of that rate;
+  MQTT end to end: the sustained rate of heartbeats committed to PostgreSQL while devices
+    publish as fast as they can, then the publish-to-commit latency at 50% and 90% of it;
   worker alone: a backlog of canonical messages drained into PostgreSQL;
   HTTP end to end: `POST /heartbeats` (202 after the broker's confirm) with wrk: one api
     process with 128 connections, then paced at 50% and 90% of that rate (receive-to-commit
@@ -271,10 +271,10 @@ def mqtt_run(
     rate: float | None,
     seconds: float,
     progress: Callable[[Tally, float], None] | None = None,
-) -> tuple[dict, list[tuple[str, datetime]]]:
+) -> tuple[dict, list[tuple[str, datetime]], float]:
     """Newly registered devices publishing over MQTT for `seconds`; once the worker drained
     them: what was acknowledged, stored and lost (acknowledged, not stored), the
-    publish-to-commit latency, and the stored rows.
+    publish-to-commit latency, the stored rows, and when the devices stopped publishing.
 
     Each device first connects and sends about two heartbeats, outside the measure: a device's
     first connect and first heartbeat cost more (its state row, the broker's permission cache),
@@ -284,6 +284,7 @@ def mqtt_run(
     warm = drive(stack, creds, MQTT_DEVICES / WARM_UP_INTERVAL_S, 2 * WARM_UP_INTERVAL_S)
     wait_drained(stack, ids, len(warm.acked))
     tally = drive(stack, creds, rate, seconds, progress)
+    published_until = time.time()
     wait_drained(stack, ids, len(warm.acked) + len(tally.acked))
     sent = tally.sent
     rows = [(m, at) for m, at in stored(stack, ids) if m in sent]
@@ -296,19 +297,21 @@ def mqtt_run(
         "lost": len(set(tally.acked) - {m for m, _ in rows}),
         **in_ms(latencies),
     }
-    return summary, rows
+    return summary, rows, published_until
 
 
 def mqtt_end_to_end(stack: LocalStack) -> dict:
     say("  MQTT: saturating for 15 s")
-    saturated, rows = mqtt_run(stack, "bench", None, WINDOW_S)
-    commits = sorted(at.timestamp() for _, at in rows)
-    span = commits[-1] - commits[0] if len(commits) > 1 else 1.0
+    saturated, rows, published_until = mqtt_run(stack, "bench", None, WINDOW_S)
+    # Only commits made while the devices were publishing: the backlog drained afterwards
+    # goes faster, with the devices' and the broker's share of the machine free.
+    commits = sorted(t for _, at in rows if (t := at.timestamp()) <= published_until)
+    span = published_until - commits[0] if commits else 1.0
     sustained = len(commits) / span
     result = {**saturated, "sustained_per_s": round(sustained)}
     for share in (0.5, 0.9):
         say(f"  MQTT: {share:.0%} of sustained ({sustained * share:.0f}/s) for 15 s")
-        result[f"at_{int(share * 100)}pct"], _ = mqtt_run(
+        result[f"at_{int(share * 100)}pct"], _, _ = mqtt_run(
             stack, f"lat{int(share * 100)}", sustained * share, WINDOW_S
         )
     return result
@@ -404,7 +407,7 @@ def soak(stack: LocalStack, rate: float, seconds: float = SOAK_S) -> dict:
                 f"worker RSS {samples[-1][1]:.1f} MB"
             )
 
-    summary, _ = mqtt_run(stack, "soak", rate, seconds, sample)
+    summary, _, _ = mqtt_run(stack, "soak", rate, seconds, sample)
     first_minute = max(rss for t, rss in samples if t <= 60)
     peak = max(rss for _, rss in samples)
     return {

@@ -9,7 +9,7 @@ import time
 import aio_pika.abc
 
 from gateway import metrics, topology
-from gateway.broker import Forwarder, Publisher, PublishFailed, ack, connect, requeue
+from gateway.broker import Acks, Forwarder, Publisher, PublishFailed, connect
 from gateway.convert import Forward, Ignore, Reject, convert
 from gateway.health import HealthServer, broker_ready
 from gateway.messages import Source
@@ -25,6 +25,7 @@ class Bridge:
     def __init__(self, settings: BridgeSettings) -> None:
         self.settings = settings
         self.in_flight = InFlight()
+        self.acks = Acks()
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._publisher: Publisher | None = None
         self._forwarder: Forwarder | None = None
@@ -34,6 +35,7 @@ class Bridge:
     async def handle(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         """Convert, publish with confirm, then ack the inbox message (never before)."""
         assert self._publisher is not None
+        self.acks.delivered(message)
         with self.in_flight:
             outcome = convert(message.routing_key or "", message.body)
             try:
@@ -59,9 +61,9 @@ class Bridge:
                 metrics.PUBLISH_FAILURES.labels("bridge").inc()
                 log.warning("not forwarded, will be redelivered: %s", exc)
                 await asyncio.sleep(PUBLISH_RETRY_DELAY_S)  # no hot loop while the broker refuses
-                await requeue(message)
+                await self.acks.requeue(message)
                 return
-            await ack(message)
+            self.acks.done(message)
 
     async def ready(self) -> dict[str, bool]:
         return {"rabbitmq": broker_ready(self._connection, self._publisher)}
@@ -90,6 +92,7 @@ class Bridge:
                 log.warning(
                     "%d messages unfinished; they will be redelivered", self.in_flight.count
                 )
+            await self.acks.drain()
         finally:
             await self._connection.close()
             await health.close()

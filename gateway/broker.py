@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+from typing import Any
 
 import aio_pika
 import aio_pika.abc
@@ -186,11 +188,12 @@ class Forwarder:
                 done.set_exception(outcome)
 
 
-async def ack(message: aio_pika.abc.AbstractIncomingMessage) -> bool:
-    """Ack; False when the message's channel is gone (the broker redelivers it then, and every
-    write downstream is idempotent)."""
+async def ack(message: aio_pika.abc.AbstractIncomingMessage, *, multiple: bool = False) -> bool:
+    """Ack (with `multiple`: this message and every earlier unacked one of its channel); False
+    when the message's channel is gone (the broker redelivers then, and every write downstream
+    is idempotent)."""
     try:
-        await message.ack()
+        await message.ack(multiple=multiple)
     except (AMQPError, ChannelInvalidStateError, RuntimeError, OSError):
         return False
     return True
@@ -203,3 +206,84 @@ async def requeue(message: aio_pika.abc.AbstractIncomingMessage) -> bool:
     except (AMQPError, ChannelInvalidStateError, RuntimeError, OSError):
         return False
     return True
+
+
+class Acks:
+    """Acks a consumer's messages in delivery order, each run of them with one frame.
+
+    `delivered` is called for every message as it arrives, `done` once it is handled. A message
+    is acked once it and every message delivered before it on its channel are done: the whole
+    run goes as one `basic.ack` with `multiple`, sent after the handlers that finished in the
+    same turn of the event loop (a confirmed work message finishes many at once). A message
+    still being handled holds back the acks of the ones after it, never the other way round,
+    and `requeue` takes a message out of the order before its nack goes, so no ack covers it.
+    """
+
+    def __init__(self) -> None:
+        #: Per channel: the delivery tags not acked yet, in order, each with its message and
+        #: whether it is done.
+        self._open: dict[Any, dict[int, list]] = {}
+        self._flush: asyncio.Task | None = None
+        self._scheduled = False
+        self._dirty = False
+
+    def delivered(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        with contextlib.suppress(ChannelInvalidStateError):
+            self._open.setdefault(message.channel, {})[message.delivery_tag] = [message, False]
+
+    def done(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        entry = self._entry(message)
+        if entry is not None:
+            entry[1] = True
+            self._schedule()
+
+    async def requeue(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        with contextlib.suppress(ChannelInvalidStateError):
+            self._open.get(message.channel, {}).pop(message.delivery_tag, None)
+        await requeue(message)
+        self._schedule()
+
+    async def drain(self) -> None:
+        """Send the acks that are due (before closing the connection)."""
+        while self._scheduled or self._flush is not None:
+            if self._flush is not None:
+                await self._flush
+            else:
+                await asyncio.sleep(0)
+
+    def _entry(self, message: aio_pika.abc.AbstractIncomingMessage) -> list | None:
+        try:
+            return self._open.get(message.channel, {}).get(message.delivery_tag)
+        except ChannelInvalidStateError:
+            return None  # the channel is gone: the broker redelivers the message
+
+    def _schedule(self) -> None:
+        self._dirty = True
+        if self._flush is None and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._scheduled = False
+        if self._flush is None:
+            self._flush = asyncio.create_task(self._send())
+
+    async def _send(self) -> None:
+        try:
+            while self._dirty:
+                self._dirty = False
+                for channel, tags in list(self._open.items()):
+                    if channel.is_closed:  # its messages are redelivered
+                        del self._open[channel]
+                        continue
+                    last = None
+                    while tags:
+                        tag, (message, finished) = next(iter(tags.items()))
+                        if not finished:
+                            break
+                        del tags[tag]
+                        last = message
+                    if last is not None:
+                        await ack(last, multiple=True)
+        finally:
+            self._flush = None

@@ -8,6 +8,7 @@ worker consumes nothing else. Serialized as JSON: one per AMQP message, or sever
 from __future__ import annotations
 
 import base64
+import random
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -52,7 +53,7 @@ def idempotency_key(payload: HeartbeatPayload) -> str:
         return payload.msg_id
     if payload.seq is not None and payload.ts is not None:
         return f"seq:{payload.seq}@{payload.ts.isoformat()}"
-    return f"rnd:{uuid.uuid4().hex}"
+    return f"rnd:{random.getrandbits(128):032x}"  # unique, not secret: no system call
 
 
 class Heartbeat(BaseModel):

@@ -48,7 +48,7 @@ class BridgeSettings(CommonSettings):
     #: Heartbeats forwarded together in one work message, and how long the first one waits
     #: for company (1 = one message per heartbeat).
     bridge_batch_size: int = Field(default=100, ge=1, le=MAX_BATCH_ITEMS)
-    bridge_linger_ms: int = Field(default=5, ge=0)
+    bridge_linger_ms: int = Field(default=20, ge=0)
     #: Seconds to wait for the broker to confirm a forwarded message.
     bridge_confirm_timeout_s: float = Field(default=10.0, gt=0)
     #: Port of the bridge's /healthz, /readyz and /metrics (0 = off).

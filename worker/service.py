@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -18,7 +19,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import metrics, partitions, state, store, topology
-from gateway.broker import Publisher, PublishFailed, ack, connect
+from gateway.broker import Acks, Publisher, PublishFailed, connect
 from gateway.db import is_transient, make_engine, short_error
 from gateway.errors import InputError, Reason
 from gateway.health import HealthServer, broker_ready, check_storage
@@ -74,8 +75,13 @@ class Worker:
         self._stopping = asyncio.Event()
         #: What was written since the last summary line (each batch is logged at DEBUG only).
         self._written = Written()
+        self.acks = Acks()
 
     # ---- heartbeats and status reports ----------------------------------------------------
+
+    async def _receive(self, batcher: Batcher, message: Message) -> None:
+        self.acks.delivered(message)
+        await batcher.add(message)
 
     async def flush_work(self, messages: list[Message]) -> None:
         started = time.perf_counter()
@@ -95,7 +101,7 @@ class Worker:
         if result is None:
             return  # shutting down with the database away: unacked messages are redelivered
         for message in messages:
-            await ack(message)
+            self.acks.done(message)
         elapsed = time.perf_counter() - started
         metrics.BATCH_SIZE.observe(len(items) + len(invalid))
         metrics.BATCH_SECONDS.observe(elapsed)
@@ -314,7 +320,7 @@ class Worker:
             return
         metrics.DEAD_LETTERS_STORED.inc(added)
         for message in messages:
-            await ack(message)
+            self.acks.done(message)
         log.info("stored %d dead letters", added)
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -346,7 +352,8 @@ class Worker:
                 channel = await self._connection.channel()
                 await channel.set_qos(prefetch_count=prefetch)
                 queue = (await topology.declare(channel))[queue_name]
-                consumers.append((queue, await queue.consume(batcher.add)))
+                receive = functools.partial(self._receive, batcher)
+                consumers.append((queue, await queue.consume(receive)))
                 log.info("worker consuming %s (prefetch %d)", queue_name, prefetch)
             sweeper = Sweeper(
                 self.engine, period_s=s.worker_sweep_period_s, on_changed=self._mirror
@@ -364,6 +371,7 @@ class Worker:
                 for queue, tag in consumers:
                     await queue.cancel(tag)
                 self._stopping.set()
+            await self.acks.drain()
         finally:
             await self._connection.close()
             await health.close()
