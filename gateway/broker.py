@@ -175,7 +175,7 @@ class Forwarder:
             await self._publisher.publish_work(
                 items[0] if len(items) == 1 else WorkBatch(items=items)
             )
-        except PublishFailed as exc:
+        except Exception as exc:  # each waiting caller gets it; none waits for ever
             outcome: BaseException | None = exc
         else:
             outcome = None

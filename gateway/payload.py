@@ -223,8 +223,15 @@ def parse_payload(raw: bytes) -> HeartbeatPayload:
         raise InputError(
             Reason.NOT_AN_OBJECT, f"payload must be a JSON object, not {_json_type(data)}"
         )
-    if _depth(data) > MAX_DEPTH:
+    if _depth(data, MAX_DEPTH) > MAX_DEPTH:
         raise InputError(Reason.TOO_DEEP, f"payload is nested deeper than {MAX_DEPTH} levels")
+    surrogate = _lone_surrogate(data) if b"\\u" in raw else None  # only an escape makes one
+    if surrogate is not None:
+        raise InputError(
+            Reason.NOT_UTF8,
+            f"payload escapes a lone surrogate (\\u{ord(surrogate):04x}), which is not a "
+            "character; send UTF-8 text, or pair it",
+        )
     try:
         return HeartbeatPayload.model_validate(data)
     except ValidationError as exc:
@@ -246,12 +253,40 @@ def _is_type_tag(part: Any) -> bool:
     return isinstance(part, str) and part in {"bool", "int", "float", "str", "constrained-str"}
 
 
-def _depth(value: Any, level: int = 1) -> int:
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first unpaired surrogate in any string or key of `value` (JSON's `\\ud800` escapes
+    decode to one; no UTF-8 text, PostgreSQL's `jsonb` or a JSON encoder takes it), else None."""
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        return found.group() if found else None
     if isinstance(value, dict):
-        return max((_depth(v, level + 1) for v in value.values()), default=level)
-    if isinstance(value, list):
-        return max((_depth(v, level + 1) for v in value), default=level)
-    return level
+        items = (x for pair in value.items() for x in pair)
+    elif isinstance(value, list):
+        items = iter(value)
+    else:
+        return None
+    for item in items:
+        found = _lone_surrogate(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _depth(value: Any, limit: int) -> int:
+    """How deep `value` nests (a scalar is 1, `{"a": 1}` is 2), counted no further than past
+    `limit`: a loop, not recursion, so no nesting the JSON decoder accepts can overflow it."""
+    deepest, stack = 0, [(value, 1)]
+    while stack and deepest <= limit:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(item, dict):
+            stack.extend((child, level + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, level + 1) for child in item)
+    return deepest
 
 
 def _json_type(value: Any) -> str:

@@ -27,6 +27,8 @@ PAYLOADS = {
     "huge float": (b'{"cpu": 1e400}', "non_finite_number", 422, "finite"),
     "huge integer": (b'{"count": 1' + b"0" * 40 + b"}", "invalid_field", 422, "64-bit"),
     "NaN": (b'{"cpu": NaN}', "non_finite_number", 422, "NaN"),
+    "lone surrogate": (b'{"name": "\\ud800"}', "not_utf8", 415, "surrogate"),
+    "600 deep": (b'{"m": ' + b"[" * 600 + b"1" + b"]" * 600 + b"}", "too_deep", 422, "nested"),
 }
 
 BAD_IDS = {

@@ -82,6 +82,10 @@ def test_metric_values_keep_their_type() -> None:
         (b'{"a": ' * 3000 + b"1" + b"}" * 3000, Reason.TOO_LARGE, "limit"),
         (b'{"m": {"a": {"b": {"c": {"d": 1}}}}}', Reason.TOO_DEEP, "nested"),
         (b"[" * 5000 + b"]" * 5000, Reason.TOO_DEEP, "nested"),
+        # Deep enough to overflow a recursive depth count, not the JSON decoder.
+        (b'{"x": ' + b"[" * 600 + b"1" + b"]" * 600 + b"}", Reason.TOO_DEEP, "nested"),
+        (b'{"name": "\\ud800"}', Reason.NOT_UTF8, "lone surrogate"),
+        (b'{"\\udfff": 1}', Reason.NOT_UTF8, "lone surrogate"),
         (b'{"seq": -1}', Reason.INVALID_FIELD, "seq"),
         (b'{"seq": "7"}', Reason.INVALID_FIELD, "seq"),
         (b'{"seq": true}', Reason.INVALID_FIELD, "seq"),

@@ -10,20 +10,28 @@ from hypothesis import strategies as st
 
 from gateway.convert import Forward, Ignore, Reject, convert
 from gateway.errors import InputError, Reason
-from gateway.messages import Heartbeat, Source
+from gateway.messages import Heartbeat, Source, WorkBatch, decode_work, encode_work
 from gateway.payload import MAX_PAYLOAD_BYTES, HeartbeatPayload, parse_payload
 from gateway.topics import DEVICE_ID_RE, Topic, TopicKind, parse_routing_key
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
+#: Any text, with a lone surrogate now and then (`json.dumps` escapes it as `\\ud800`).
+lone_surrogates = st.integers(0xD800, 0xDFFF).map(chr)
+any_text = st.text(max_size=40) | st.builds(
+    lambda before, surrogate, after: before + surrogate + after,
+    st.text(max_size=10),
+    lone_surrogates,
+    st.text(max_size=10),
+)
 json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers()
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=40),
+    | any_text,
     lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+        st.lists(children, max_size=4) | st.dictionaries(any_text, children, max_size=4)
     ),
     max_leaves=20,
 )
@@ -50,9 +58,11 @@ def test_arbitrary_json_parses_or_is_refused(value: object) -> None:
     result = outcome_of(json.dumps(value).encode())
     if isinstance(result, HeartbeatPayload):
         assert isinstance(value, dict)
-        # What parsed can be turned into a canonical message and back, unchanged.
+        # What parsed can be turned into a canonical message, sent on the work queue alone or
+        # in a batch, and read back unchanged.
         beat = Heartbeat.from_payload("d-1", result, Source.HTTP)
-        assert Heartbeat.model_validate_json(beat.model_dump_json()) == beat
+        assert decode_work(encode_work(beat)) == [beat]
+        assert decode_work(encode_work(WorkBatch(items=[beat, beat]))) == [beat, beat]
 
 
 metric_names = st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True).filter(
@@ -82,6 +92,19 @@ def test_valid_payloads_parse_to_what_was_sent(seq, msg_id, metrics, nested) -> 
     for name, value in metrics.items():
         got = parsed.metrics[name]
         assert got == value or (isinstance(value, float) and math.isclose(got, value))
+
+
+@SETTINGS
+@given(st.dictionaries(metric_names, any_text | metric_values, min_size=1, max_size=5))
+def test_any_text_is_refused_or_reaches_the_worker_unchanged(metrics) -> None:
+    """A lone surrogate (`\\ud800`) is valid JSON text but no character: it is refused at the
+    door, never left to fail the encoding of a batch it shares with other devices."""
+    outcome = outcome_of(json.dumps(metrics).encode())
+    if isinstance(outcome, InputError):
+        assert outcome.reason in (Reason.NOT_UTF8, Reason.INVALID_FIELD)
+        return
+    beat = Heartbeat.from_payload("d-1", outcome, Source.MQTT)
+    assert decode_work(encode_work(WorkBatch(items=[beat]))) == [beat]
 
 
 @SETTINGS
