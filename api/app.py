@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -47,15 +46,17 @@ class RequestId:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")[:64]
-        # Ids need to be unique, not secret: the process's own generator (seeded from the OS
-        # when the process starts) costs no system call per request.
-        rid = given or f"{random.getrandbits(64):016x}"
+        rid = logs.new_request_id(
+            dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        )
         token = logs.request_id.set(rid)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", rid.encode("latin-1")),
+                ]
             await send(message)
 
         try:
@@ -70,10 +71,10 @@ def create_server(settings: ApiSettings | None = None) -> ASGIApp:
 
 
 def layered(app: FastAPI) -> ASGIApp:
-    """The app behind two thin layers. `RequestId` is the outermost, so every response carries
-    its id, errors included; `FastIngest` takes known devices' heartbeats before FastAPI's own
-    middleware, routing and dependencies."""
-    return RequestId(ingest.FastIngest(app))
+    """The app behind two thin layers. `FastIngest` takes known devices' heartbeats before
+    anything else (it gives its own answers their request id); `RequestId` gives every other
+    response its id, errors included."""
+    return ingest.FastIngest(app, RequestId(app))
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:

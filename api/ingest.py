@@ -15,11 +15,11 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import BaseModel
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.context import Context, DevicePath, context
 from api.responses import errors, unauthorized
-from gateway import metrics, registry
+from gateway import logs, metrics, registry
 from gateway.broker import PublishFailed
 from gateway.credentials import token_hash
 from gateway.errors import InputError, Reason
@@ -146,32 +146,63 @@ class FastIngest:
     the app, whose route answers it.
     """
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, layered: ASGIApp | None = None) -> None:
         self.app = app
+        #: What serves every other request: `app`, behind its outer layers.
+        self.next = layered or app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = INGEST_PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
         if route is None or scope["method"] != "POST":
-            await self.app(scope, receive, send)
+            await self.next(scope, receive, send)
             return
         ctx: Context = self.app.state.context
         headers = _first_headers(scope)
         device_id = route.group(1)
         if not _known_sender(ctx, headers.get("authorization"), device_id):
-            await self.app(scope, receive, send)
+            await self.next(scope, receive, send)
             return
         received_at = utcnow()
+        rid = logs.new_request_id(headers.get("x-request-id"))
+        token = logs.request_id.set(rid)
+        try:
+            await self._accept(scope, receive, send, ctx, device_id, headers, rid, received_at)
+        finally:
+            logs.request_id.reset(token)
+
+    async def _accept(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        ctx: Context,
+        device_id: str,
+        headers: dict[str, str],
+        rid: str,
+        received_at: datetime,
+    ) -> None:
         request = Request(scope, receive)
         try:
             accepted = await accept(
                 ctx, device_id, headers, request.stream(), scope["path"], received_at
             )
         except HTTPException as exc:
-            await (await http_exception_handler(request, exc))(scope, receive, send)
+            response = await http_exception_handler(request, exc)
+            response.headers["x-request-id"] = rid
+            await response(scope, receive, send)
             return
         body = orjson.dumps({"id": accepted.id})
-        headers = [(b"content-length", b"%d" % len(body)), (b"content-type", b"application/json")]
-        await send({"type": "http.response.start", "status": 202, "headers": headers})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 202,
+                "headers": [
+                    (b"content-length", b"%d" % len(body)),
+                    (b"content-type", b"application/json"),
+                    (b"x-request-id", rid.encode("latin-1")),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 

@@ -36,6 +36,9 @@ def main() -> int:
         workers=settings.api_workers,
         log_config=None,
         access_log=False,
+        # Nothing here reads the client's address or scheme (no access log, no absolute URLs),
+        # so the X-Forwarded-* rewriting layer would be work for nothing on every request.
+        proxy_headers=False,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
     )
     sockets = [

@@ -5,11 +5,20 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import random
 import sys
 from datetime import UTC, datetime
 
 #: Set per HTTP request by the api; added to every log line written while it is handled.
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+
+def new_request_id(given: str | None = None) -> str:
+    """The client's X-Request-ID (cut to 64 characters), or a new one. Ids need to be unique,
+    not secret: the process's own generator (seeded from the OS when the process starts) costs
+    no system call per request."""
+    return (given or "")[:64] or f"{random.getrandbits(64):016x}"
+
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 

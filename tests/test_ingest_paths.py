@@ -75,12 +75,15 @@ def test_a_known_device_skips_the_route_and_its_heartbeats_are_stored(
     assert second.json() == again.json()  # a retry gets the same id
     assert second.headers["content-type"] == first.headers["content-type"]
     assert second.headers["x-request-id"] and second.headers["x-request-id"] != "-"
+    assert second.headers["x-request-id"] != again.headers["x-request-id"]
+    given = inproc.beat(device, b'{"msg_id": "third"}', **{"X-Request-ID": "trace-7"})
+    assert given.headers["x-request-id"] == "trace-7"
     assert len(inproc.routed) == 1
     stored = poll(
-        lambda: (rows := history(api, device.device_id)) and len(rows) == 2 and rows,
-        what="both heartbeats stored",
+        lambda: (rows := history(api, device.device_id)) and len(rows) == 3 and rows,
+        what="the three heartbeats stored",
     )
-    assert sorted(h["msg_id"] for h in stored) == ["first", "second"]
+    assert sorted(h["msg_id"] for h in stored) == ["first", "second", "third"]
 
 
 def test_bad_payloads_get_the_routes_answers_on_the_short_path(
@@ -91,6 +94,7 @@ def test_bad_payloads_get_the_routes_answers_on_the_short_path(
         response = inproc.beat(device, body)
         assert response.status_code == status, (case, response.text)
         assert words in response.json()["detail"], case
+        assert response.headers["x-request-id"], case
     plain = inproc.beat(device, b"hello", **{"Content-Type": "text/plain"})
     assert plain.status_code == 415
     assert "(Content-Type was 'text/plain')" in plain.json()["detail"]
