@@ -57,9 +57,14 @@ class Bridge:
                         )
                     case Ignore(why):
                         log.debug("ignored %s: %s", message.routing_key, why)
-            except PublishFailed as exc:
+            except Exception as exc:
+                # Requeued, never left hanging: an unfinished message would hold back the acks
+                # of every message delivered after it.
                 metrics.PUBLISH_FAILURES.labels("bridge").inc()
-                log.warning("not forwarded, will be redelivered: %s", exc)
+                if isinstance(exc, PublishFailed):
+                    log.warning("not forwarded, will be redelivered: %s", exc)
+                else:
+                    log.exception("not forwarded (unexpected error), will be redelivered")
                 await asyncio.sleep(PUBLISH_RETRY_DELAY_S)  # no hot loop while the broker refuses
                 await self.acks.requeue(message)
                 return
