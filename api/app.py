@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import broker_auth, ingest, operators
@@ -46,23 +47,17 @@ class RequestId:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = logs.new_request_id(
-            dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        )
-        token = logs.request_id.set(rid)
+        with logs.request_scope(Headers(scope=scope).get("x-request-id")) as rid:
 
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", rid.encode("latin-1")),
-                ]
-            await send(message)
+            async def send_with_id(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [
+                        *message.get("headers", []),
+                        (b"x-request-id", rid.encode("latin-1")),
+                    ]
+                await send(message)
 
-        try:
             await self.app(scope, receive, send_with_id)
-        finally:
-            logs.request_id.reset(token)
 
 
 def create_server(settings: ApiSettings | None = None) -> ASGIApp:

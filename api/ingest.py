@@ -146,10 +146,10 @@ class FastIngest:
     the app, whose route answers it.
     """
 
-    def __init__(self, app: FastAPI, layered: ASGIApp | None = None) -> None:
+    def __init__(self, app: FastAPI, others: ASGIApp) -> None:
         self.app = app
         #: What serves every other request: `app`, behind its outer layers.
-        self.next = layered or app
+        self.next = others
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = INGEST_PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
@@ -163,12 +163,8 @@ class FastIngest:
             await self.next(scope, receive, send)
             return
         received_at = utcnow()
-        rid = logs.new_request_id(headers.get("x-request-id"))
-        token = logs.request_id.set(rid)
-        try:
+        with logs.request_scope(headers.get("x-request-id")) as rid:
             await self._accept(scope, receive, send, ctx, device_id, headers, rid, received_at)
-        finally:
-            logs.request_id.reset(token)
 
     async def _accept(
         self,

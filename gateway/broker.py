@@ -220,21 +220,20 @@ class Acks:
     """
 
     def __init__(self) -> None:
-        #: Per channel: the delivery tags not acked yet, in order, each with its message and
-        #: whether it is done.
-        self._open: dict[Any, dict[int, list]] = {}
+        #: Per channel: its messages not acked yet, by delivery tag (in delivery order).
+        self._open: dict[Any, dict[int, aio_pika.abc.AbstractIncomingMessage]] = {}
+        #: Per channel: the tags among them that are done.
+        self._done: dict[Any, set[int]] = {}
         self._flush: asyncio.Task | None = None
-        self._scheduled = False
         self._dirty = False
 
     def delivered(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        with contextlib.suppress(ChannelInvalidStateError):
-            self._open.setdefault(message.channel, {})[message.delivery_tag] = [message, False]
+        with contextlib.suppress(ChannelInvalidStateError):  # gone: it is redelivered
+            self._open.setdefault(message.channel, {})[message.delivery_tag] = message
 
     def done(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        entry = self._entry(message)
-        if entry is not None:
-            entry[1] = True
+        with contextlib.suppress(ChannelInvalidStateError):
+            self._done.setdefault(message.channel, set()).add(message.delivery_tag)
             self._schedule()
 
     async def requeue(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -245,44 +244,31 @@ class Acks:
 
     async def drain(self) -> None:
         """Send the acks that are due (before closing the connection)."""
-        while self._scheduled or self._flush is not None:
-            if self._flush is not None:
-                await self._flush
-            else:
-                await asyncio.sleep(0)
-
-    def _entry(self, message: aio_pika.abc.AbstractIncomingMessage) -> list | None:
-        try:
-            return self._open.get(message.channel, {}).get(message.delivery_tag)
-        except ChannelInvalidStateError:
-            return None  # the channel is gone: the broker redelivers the message
+        while self._flush is not None:
+            await self._flush
 
     def _schedule(self) -> None:
+        """A task sends the acks. It lets the loop turn once more before it looks, so that the
+        handlers woken together (by one confirm, or one stored batch) share a frame."""
         self._dirty = True
-        if self._flush is None and not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._start_flush)
-
-    def _start_flush(self) -> None:
-        self._scheduled = False
         if self._flush is None:
             self._flush = asyncio.create_task(self._send())
 
     async def _send(self) -> None:
         try:
+            await asyncio.sleep(0)
             while self._dirty:
                 self._dirty = False
                 for channel, tags in list(self._open.items()):
+                    done = self._done.get(channel, set())
                     if channel.is_closed:  # its messages are redelivered
                         del self._open[channel]
+                        self._done.pop(channel, None)
                         continue
                     last = None
-                    while tags:
-                        tag, (message, finished) = next(iter(tags.items()))
-                        if not finished:
-                            break
-                        del tags[tag]
-                        last = message
+                    while tags and (first := next(iter(tags))) in done:
+                        last = tags.pop(first)
+                        done.discard(first)
                     if last is not None:
                         await ack(last, multiple=True)
         finally:

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
 import random
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 #: Set per HTTP request by the api; added to every log line written while it is handled.
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 
-def new_request_id(given: str | None = None) -> str:
-    """The client's X-Request-ID (cut to 64 characters), or a new one. Ids need to be unique,
-    not secret: the process's own generator (seeded from the OS when the process starts) costs
-    no system call per request."""
-    return (given or "")[:64] or f"{random.getrandbits(64):016x}"
+@contextlib.contextmanager
+def request_scope(given: str | None) -> Iterator[str]:
+    """An id for the request being handled, on every log line written meanwhile: the client's
+    X-Request-ID (cut to 64 characters), or a new one. Ids need to be unique, not secret: the
+    process's own generator (seeded from the OS when the process starts) costs no system call
+    per request."""
+    rid = (given or "")[:64] or f"{random.getrandbits(64):016x}"
+    token = request_id.set(rid)
+    try:
+        yield rid
+    finally:
+        request_id.reset(token)
 
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}

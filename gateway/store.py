@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 
 import orjson
-from pydantic import TypeAdapter
 from sqlalchemy import (
     JSON,
     Connection,
@@ -37,7 +36,7 @@ from sqlalchemy.sql.selectable import TableValuedAlias
 
 from gateway import liveness, partitions
 from gateway.liveness import StatusEvent
-from gateway.messages import DeviceStatus, Heartbeat, Rejection, StatusReport
+from gateway.messages import DeviceStatus, Heartbeat, Rejection, StatusReport, to_json
 from gateway.schema import devices, heartbeats, rejected
 from gateway.state import DeviceState
 
@@ -109,7 +108,7 @@ def _insert_heartbeats(conn: Connection, beats: Sequence[Heartbeat], window_days
     params = {
         "day": day,
         "since": day - timedelta(days=window_days) if window_days else date.min,
-        "rows": _HEARTBEAT_ROWS.dump_json(beats).decode(),
+        "rows": to_json(list(beats)).decode(),
     }
     return conn.execute(_insert_statement(), params).rowcount
 
@@ -125,7 +124,6 @@ _HEARTBEAT_COLUMNS = (
     "source",
     "metrics",
 )
-_HEARTBEAT_ROWS = TypeAdapter(list[Heartbeat])
 
 
 def _json_rows(table: Table, names: Sequence[str]) -> TableValuedAlias:

@@ -4,9 +4,16 @@ is still being handled or was requeued."""
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import aio_pika
+import aio_pika.abc
+import pytest
+
 from gateway.broker import Acks
+from gateway.localstack import LocalStack
 
 
 @dataclass(eq=False)
@@ -34,16 +41,25 @@ def deliver(acks: Acks, channel: FakeChannel, count: int) -> list[FakeMessage]:
     return messages
 
 
-def test_a_run_of_done_messages_is_acked_with_one_frame() -> None:
-    async def scenario() -> FakeChannel:
-        acks, channel = Acks(), FakeChannel()
-        messages = deliver(acks, channel, 5)
-        for message in messages:
-            acks.done(message)
-        await acks.drain()
-        return channel
+async def finish_all(count: int, *, one_turn_each: bool) -> list[tuple[str, int, bool]]:
+    """Deliver `count` messages and finish them all: together, or one per turn of the loop."""
+    acks, channel = Acks(), FakeChannel()
+    for message in deliver(acks, channel, count):
+        acks.done(message)
+        if one_turn_each:
+            await asyncio.sleep(0)
+    await acks.drain()
+    return channel.frames
 
-    assert asyncio.run(scenario()).frames == [("ack", 5, True)]
+
+def test_a_run_of_done_messages_is_acked_with_one_frame() -> None:
+    assert asyncio.run(finish_all(5, one_turn_each=False)) == [("ack", 5, True)]
+
+
+def test_acks_that_fall_due_while_sending_are_sent_too() -> None:
+    frames = asyncio.run(finish_all(200, one_turn_each=True))
+    assert frames[-1] == ("ack", 200, True)
+    assert len(frames) < 200
 
 
 def test_a_message_still_handled_holds_back_the_ones_after_it() -> None:
@@ -96,16 +112,46 @@ def test_messages_of_a_closed_channel_are_never_acked() -> None:
     assert new.frames == [("ack", 2, True)]
 
 
-def test_acks_that_fall_due_while_sending_are_sent_too() -> None:
-    async def scenario() -> FakeChannel:
-        acks, channel = Acks(), FakeChannel()
-        messages = deliver(acks, channel, 200)
-        for message in messages:
-            acks.done(message)
-            await asyncio.sleep(0)  # handlers finishing over many turns of the loop
-        await acks.drain()
-        return channel
+def test_on_rabbitmq_only_the_run_of_done_messages_is_acked(stack: LocalStack) -> None:
+    """The real broker: 10 delivered, the 4th still being handled when the others are done.
+    Only 1-3 are acked; when the channel closes, the 4th and the 6 after it come back."""
 
-    frames = asyncio.run(scenario()).frames
-    assert frames[-1] == ("ack", 200, True)
-    assert len(frames) < 200
+    async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while not await check():
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out waiting for {what}")
+            await asyncio.sleep(0.05)
+
+    async def scenario() -> None:
+        async with await aio_pika.connect(stack.amqp_url) as connection:
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=10)
+            queue = await channel.declare_queue(exclusive=True)
+            for i in range(10):
+                await channel.default_exchange.publish(aio_pika.Message(b"%d" % i), queue.name)
+            acks, got = Acks(), []
+
+            async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                acks.delivered(message)
+                got.append(message)
+
+            await queue.consume(on_message)
+
+            async def all_delivered() -> bool:
+                return len(got) == 10
+
+            await until(all_delivered, "10 deliveries")
+            for message in got[:3] + got[4:]:
+                acks.done(message)
+            await acks.drain()
+            await channel.close()  # what it did not ack goes back to the queue
+            other = await connection.channel()
+
+            async def back_in_queue() -> bool:
+                declared = await other.declare_queue(queue.name, passive=True)
+                return declared.declaration_result.message_count == 7
+
+            await until(back_in_queue, "the 7 unacked messages back in the queue")
+
+    asyncio.run(scenario())
