@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -112,7 +113,11 @@ class LocalStack:
 
     @classmethod
     def test(cls) -> LocalStack:
-        return cls("test", TEST_PORTS)
+        """The test suite's stack. `GATEWAY_TEST_PORT_OFFSET` shifts every port (and the
+        broker's node name), so two checkouts can run their suites side by side."""
+        offset = int(os.environ.get("GATEWAY_TEST_PORT_OFFSET", "0"))
+        ports = Ports(*(port + offset for port in dataclasses.astuple(TEST_PORTS)))
+        return cls("test", ports)
 
     @classmethod
     def bench(cls) -> LocalStack:
@@ -128,6 +133,12 @@ class LocalStack:
     @property
     def log_dir(self) -> Path:
         return self.run_dir / "logs"
+
+    @property
+    def node_name(self) -> str:
+        """The RabbitMQ node's name, unique per port set (Erlang's epmd refuses a name twice)."""
+        suffix = "" if self.ports in (DEV_PORTS, TEST_PORTS, BENCH_PORTS) else f"-{self.ports.dist}"
+        return f"gateway-{self.name}{suffix}@localhost"
 
     def component(self, name: str) -> Component:
         """`rabbitmq`, `postgres`, `redis`, or an app: `bridge`, `worker`, `api`, and extra
@@ -309,7 +320,7 @@ class LocalStack:
         return {
             **os.environ,
             "HOME": str(base / "home"),
-            "RABBITMQ_NODENAME": f"gateway-{self.name}@localhost",
+            "RABBITMQ_NODENAME": self.node_name,
             "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(RABBITMQ_DIR / "enabled_plugins"),
             "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
@@ -630,7 +641,7 @@ class LocalStack:
             "RabbitMQ",
             self.rabbitmq_ready,
             timeout,
-            self.log_dir / f"gateway-{self.name}@localhost.log",
+            self.log_dir / f"{self.node_name}.log",
         )
         _wait("Redis", self.redis_ready, timeout, self.component("redis").log_file)
 
