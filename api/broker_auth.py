@@ -2,7 +2,8 @@
 
 They are served only on the api's internal listener (`GATEWAY_API_INTERNAL_PORT`, bound to the
 internal interface), never on the public one, and they answer `deny` on any error. RabbitMQ
-checks its internal users (the services' accounts) first; everyone else is a device.
+checks its internal users (the services' accounts) first; everyone else is a device, and every
+check must come from the device's own MQTT session (`gateway.access.own_session`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fastapi.responses import PlainTextResponse
 
 from api.context import Context, context
 from gateway import access, metrics, registry
+from gateway.credentials import token_hash
 from gateway.topics import DEVICE_ID_RE
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 ALLOW = PlainTextResponse("allow")
 DENY = PlainTextResponse("deny")
 MAX_FORM_BYTES = 4096
+#: The reason counted for a token that no device has (refused without a database query).
+UNKNOWN_TOKEN = "unknown_token"
 
 
 async def internal_only(request: Request, ctx: Annotated[Context, Depends(context)]) -> None:
@@ -57,6 +61,12 @@ async def _decide(
         username = form.get("username", "")
         if not DEVICE_ID_RE.fullmatch(username):
             return DENY
+        # The MQTT client id: `client_id` on most checks, `variable_map.client_id` on topics.
+        client_id = form.get("client_id", form.get("variable_map.client_id", ""))
+        if not access.own_session(username, client_id):
+            metrics.AUTH_FAILURES.labels("mqtt", "client_id").inc()
+            log.info("refused %r: its client id is not its device id", username)
+            return DENY
         verdict = check(username, *(form.get(name, "") for name in fields))
         if inspect.isawaitable(verdict):
             verdict = await verdict
@@ -73,6 +83,11 @@ async def user(request: Request, ctx: Annotated[Context, Depends(context)]) -> P
             with ctx.reads.connect() as conn:
                 return registry.authenticate(conn, username, password)
 
+        if not ctx.tokens.may_exist(token_hash(password)):
+            # A token no device has: refused without a query (a stranger guessing costs
+            # nothing), and counted apart.
+            metrics.AUTH_FAILURES.labels("mqtt", UNKNOWN_TOKEN).inc()
+            return False
         verdict = await asyncio.to_thread(run)
         if verdict != registry.Verdict.OK:
             metrics.AUTH_FAILURES.labels("mqtt", verdict.value).inc()

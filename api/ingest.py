@@ -230,11 +230,13 @@ async def authenticate_device(
             "missing_token",
             unauthorized("missing device token: send Authorization: Bearer <device token>"),
         )
-    identity = await _identify(ctx, token_hash(credentials.credentials))
+    digest = token_hash(credentials.credentials)
+    invalid = "invalid device token (unknown, or replaced by a rotation)"
+    if not ctx.tokens.may_exist(digest):  # no device has it: refused without a query
+        raise _refused("unknown_token", unauthorized(invalid))
+    identity = await _identify(ctx, digest)
     if identity is None:
-        raise _refused(
-            "bad_token", unauthorized("invalid device token (unknown, or replaced by a rotation)")
-        )
+        raise _refused("bad_token", unauthorized(invalid))
     if identity.device_id != device_id:
         raise _refused(
             "other_device",

@@ -19,7 +19,8 @@ from api.auth import Operator
 from api.context import Context, DevicePath, QueryTime, context
 from api.responses import errors
 from api.stream import OVERFLOW
-from gateway import quality, queries, registry, state
+from gateway import quality, queries, registry, sessions, state
+from gateway.credentials import token_hash
 from gateway.errors import Reason
 from gateway.liveness import StatusEvent
 from gateway.messages import DeviceStatus, utcnow
@@ -68,6 +69,7 @@ def list_devices(
 def register_device(registration: registry.Registration, ctx: Ctx) -> registry.IssuedToken:
     with _registry_errors(), ctx.engine.begin() as conn:
         issued, device = registry.register(conn, registration)
+    _tokens_changed(ctx, issued.device_id, issued.token)
     _mirror(ctx, device)
     log.info("registered device %s", issued.device_id)
     return issued
@@ -81,7 +83,8 @@ def register_device(registration: registry.Registration, ctx: Ctx) -> registry.I
 def rotate_token(device_id: DevicePath, ctx: Ctx) -> registry.IssuedToken:
     with _registry_errors(), ctx.engine.begin() as conn:
         issued, device = registry.rotate(conn, device_id)
-    _forget_token(ctx, device_id)
+    _tokens_changed(ctx, device_id, issued.token)
+    sessions.close_sessions(ctx.settings.broker_management_url, device_id)
     _mirror(ctx, device)
     log.info("rotated the token of device %s", device_id)
     return issued
@@ -97,7 +100,9 @@ def change_device(device_id: DevicePath, changes: registry.DeviceChanges, ctx: C
         device = registry.change(
             conn, device_id, changes, offline_factor=ctx.settings.offline_factor
         )
-    _forget_token(ctx, device_id)
+    _tokens_changed(ctx, device_id)
+    if changes.enabled is False:
+        sessions.close_sessions(ctx.settings.broker_management_url, device_id)
     _mirror(ctx, device)
     return DeviceView.of(device, utcnow())
 
@@ -114,10 +119,11 @@ def _registry_errors() -> Iterator[None]:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
 
 
-def _forget_token(ctx: Context, device_id: str) -> None:
-    """This process's token cache forgets the device before the answer goes out (the others
-    hear of it by NOTIFY a moment later)."""
-    anyio.from_thread.run_sync(ctx.tokens.evict, device_id)
+def _tokens_changed(ctx: Context, device_id: str, token: str | None = None) -> None:
+    """This process's token cache learns of the change (and of the device's new token) before
+    the answer goes out; the others hear of it by NOTIFY a moment later."""
+    digest = token_hash(token) if token is not None else None
+    anyio.from_thread.run_sync(ctx.tokens.changed, device_id, digest)
 
 
 def _mirror(ctx: Context, device: state.DeviceState) -> None:

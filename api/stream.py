@@ -24,6 +24,7 @@ from api.tokens import TokenCache
 from gateway import liveness, registry
 
 log = logging.getLogger(__name__)
+Connection = psycopg2.extensions.connection
 
 CLIENT_QUEUE = 1000
 #: The last frame a client that fell behind gets.
@@ -73,16 +74,28 @@ class StatusStream:
                     queue.get_nowait()
                 queue.put_nowait(OVERFLOW)
 
-    def _deliver(self, note: psycopg2.extensions.Notify) -> None:
+    def _deliver(
+        self, conn: psycopg2.extensions.connection, note: psycopg2.extensions.Notify
+    ) -> None:
         if note.channel == registry.CREDENTIALS_CHANNEL:
             if self._tokens is not None:
-                self._on_loop(self._tokens.evict, note.payload)
+                with conn.cursor() as cursor:
+                    digest = registry.token_hash_of(cursor, note.payload)
+                self._on_loop(self._tokens.changed, note.payload, digest)
         else:
             self._on_loop(self._publish, note.payload)
 
-    def _tokens_active(self, active: bool) -> None:
+    def _activate_tokens(self, conn: Connection) -> None:
+        """Listening: from now on every credential change reaches the token cache, so it may
+        start, knowing every token that exists."""
         if self._tokens is not None:
-            self._on_loop(self._tokens.set_active, active)
+            with conn.cursor() as cursor:
+                digests = registry.token_hashes(cursor)
+            self._on_loop(self._tokens.activate, digests)
+
+    def _deactivate_tokens(self) -> None:
+        if self._tokens is not None:
+            self._on_loop(self._tokens.deactivate)
 
     def _on_loop(self, callback: Callable[..., None], *args: object) -> None:
         """Run `callback` on the api's event loop; nothing once that loop has closed (the
@@ -106,15 +119,15 @@ class StatusStream:
                 conn.cursor().execute(f"LISTEN {liveness.CHANNEL}")
                 conn.cursor().execute(f"LISTEN {registry.CREDENTIALS_CHANNEL}")
                 delay = 0.5
-                self._tokens_active(True)
+                self._activate_tokens(conn)
                 while not self._stop.is_set():
                     if select.select([conn], [], [], 1.0)[0]:
                         conn.poll()
                         while conn.notifies:
-                            self._deliver(conn.notifies.pop(0))
+                            self._deliver(conn, conn.notifies.pop(0))
             except (psycopg2.Error, OSError) as exc:
                 log.warning("status stream lost PostgreSQL (%s); reconnecting", exc)
             finally:
-                self._tokens_active(False)
+                self._deactivate_tokens()
                 with contextlib.suppress(psycopg2.Error):
                     conn.close()

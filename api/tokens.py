@@ -1,16 +1,18 @@
 """Device tokens this api process has checked, kept in memory, so an HTTP heartbeat costs no
-database round trip.
+database round trip; and a short fingerprint of every device's token, so a token nobody was
+given (a stranger guessing, over HTTP or MQTT) is refused without one either.
 
-Only while evictions can reach it: every change of a device's credentials (rotation, enable,
-disable) is announced with PostgreSQL NOTIFY on commit, and the status stream's LISTEN
-connection evicts that device's entries. While that connection is down the cache is empty and
-unused. Unknown tokens are never cached (a device registered a moment ago works at once).
+Only while changes can reach them: every change of a device's credentials (registration,
+rotation, enable, disable) is announced with PostgreSQL NOTIFY on commit, and the status
+stream's LISTEN connection evicts that device's entries and learns its new token's fingerprint.
+While that connection is down both are empty and unused, and every check asks PostgreSQL.
+Unknown tokens are never cached as identities.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from gateway.registry import Identity
 
@@ -30,6 +32,13 @@ class TokenCache:
         #: Bumped by every eviction: a lookup that started before one must not be cached.
         self.generation = 0
         self.active = False
+        #: The first 64 bits of every registered device's token hash (and of replaced ones,
+        #: until the next activation): a token whose hash is not here belongs to no device.
+        self._known: set[int] = set()
+
+    def may_exist(self, digest: str) -> bool:
+        """False only when no device has this token (known for certain while active)."""
+        return not self.active or _fingerprint(digest) in self._known
 
     def get(self, digest: str) -> Identity | None:
         entry = self._entries.get(digest)
@@ -48,6 +57,8 @@ class TokenCache:
         identity = self.get(digest)
         if identity is not None:
             return identity
+        if not self.may_exist(digest):
+            return None
         generation = self.generation
         identity = await fetch()
         if identity is not None:
@@ -68,10 +79,22 @@ class TokenCache:
         for digest in self._by_device.pop(device_id, ()):
             self._entries.pop(digest, None)
 
-    def set_active(self, active: bool) -> None:
-        """On only while NOTIFY can evict; switching either way starts empty."""
+    def changed(self, device_id: str, digest: str | None) -> None:
+        """A device's credentials changed; `digest` is the hash of its token now."""
+        self.evict(device_id)
+        if digest:
+            self._known.add(_fingerprint(digest))
+
+    def activate(self, digests: Iterable[str]) -> None:
+        """NOTIFY reaches this process again: start empty, knowing every token there is."""
         self._clear()
-        self.active = active
+        self._known = {_fingerprint(digest) for digest in digests}
+        self.active = True
+
+    def deactivate(self) -> None:
+        self._clear()
+        self._known = set()
+        self.active = False
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -84,3 +107,9 @@ class TokenCache:
         self.generation += 1
         self._entries.clear()
         self._by_device.clear()
+
+
+def _fingerprint(digest: str) -> int:
+    """The first 64 bits of a token hash (hex): a small int per device, not its 64 characters
+    (a stranger's token still has one chance in 2^64 of passing, and then meets PostgreSQL)."""
+    return int(digest[:16], 16)

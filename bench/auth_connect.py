@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import statistics
 import threading
 import time
@@ -22,7 +23,6 @@ import paho.mqtt.client as mqtt
 from gateway import registry
 from gateway.db import make_engine
 from gateway.localstack import LocalStack, running
-from gateway.topology import SERVICE_PASSWORD, SERVICE_USER
 
 RESULTS = Path(__file__).parent / "results"
 NO_CACHE = {"auth_backends.2.authz": "http"}
@@ -82,6 +82,16 @@ def run_pass(
     }
 
 
+def internal_user(stack: LocalStack) -> tuple[str, str]:
+    """A RabbitMQ internal user allowed what devices are (this bench's stack only)."""
+    user, password = "bench-internal", secrets.token_urlsafe(24)
+    stack.management("PUT", f"/api/users/{user}", {"password": password, "tags": ""})
+    stack.management(
+        "PUT", f"/api/permissions/%2F/{user}", {"configure": ".*", "write": ".*", "read": ".*"}
+    )
+    return user, password
+
+
 def measure(cache: bool, count: int, parallel: int) -> dict[str, object]:
     stack = LocalStack.bench()
     stack.rabbitmq_overrides = {} if cache else dict(NO_CACHE)
@@ -93,8 +103,9 @@ def measure(cache: bool, count: int, parallel: int) -> dict[str, object]:
         cold = run_pass(stack.ports.mqtt, devices, parallel)
         warm = run_pass(stack.ports.mqtt, devices, parallel)
         # The broker's own cost: the same connects as an internal user (no call to the api).
-        internal = [(device_id, SERVICE_PASSWORD) for device_id, _ in devices]
-        baseline = run_pass(stack.ports.mqtt, internal, parallel, username=SERVICE_USER)
+        user, password = internal_user(stack)
+        internal = [(device_id, password) for device_id, _ in devices]
+        baseline = run_pass(stack.ports.mqtt, internal, parallel, username=user)
     return {"auth_cache": cache, "cold": cold, "warm": warm, "internal_user": baseline}
 
 

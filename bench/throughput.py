@@ -33,7 +33,7 @@ import aio_pika
 import psycopg2
 from sqlalchemy import ColumnElement, func, literal_column, select
 
-from gateway import registry, topology
+from gateway import accounts, registry, topology
 from gateway.broker import Publisher
 from gateway.db import make_engine
 from gateway.localstack import LocalStack, StackError, port_open, require_system_packages
@@ -134,7 +134,7 @@ def broker_ceiling(stack: LocalStack, creds: list[Credentials]) -> dict:
 
     async def consume(stop: asyncio.Event, consuming: asyncio.Event) -> None:
         nonlocal acked
-        async with await aio_pika.connect(stack.amqp_url) as conn:
+        async with await aio_pika.connect(stack.amqp_url_for(accounts.BRIDGE)) as conn:
             channel = await conn.channel()
             await channel.set_qos(prefetch_count=1000)
             queue = await channel.get_queue(topology.MQTT_INBOX_QUEUE)
@@ -325,7 +325,7 @@ def worker_drain(stack: LocalStack, messages: int = 50_000) -> dict:
     async def fill() -> None:
         """As the bridge forwards under load: work messages of `bridge_batch_size` heartbeats."""
         per = BridgeSettings().bridge_batch_size
-        async with await aio_pika.connect(stack.amqp_url) as conn:
+        async with await aio_pika.connect(stack.amqp_url_for(accounts.BRIDGE)) as conn:
             publisher = await Publisher.open(conn, timeout=30)
             payload = HeartbeatPayload(metrics={"cpu": 12.5, "mem": 61.0})
             beats = [

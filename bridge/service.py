@@ -87,7 +87,7 @@ class Bridge:
             )
             channel = await self._connection.channel()
             await channel.set_qos(prefetch_count=s.bridge_prefetch)
-            inbox = (await topology.declare(channel))[topology.MQTT_INBOX_QUEUE]
+            inbox = (await topology.declare(channel, inbox=True))[topology.MQTT_INBOX_QUEUE]
             tag = await inbox.consume(self.handle)
             log.info("bridge consuming %s (prefetch %d)", inbox.name, s.bridge_prefetch)
             await self._report_until(stop)

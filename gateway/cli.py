@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
 
+from gateway import accounts
 from gateway.localstack import (
     SYSTEM_PACKAGES,
     TEST_PACKAGES,
@@ -60,7 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         "maintain",
         help="create heartbeat partitions ahead, drop those past GATEWAY_RETENTION_DAYS",
     )
-    commands.add_parser("definitions", help="print rabbitmq/definitions.json from the topology")
+    definitions = commands.add_parser(
+        "definitions", help="print rabbitmq/definitions.json from the topology"
+    )
+    definitions.add_argument(
+        "--accounts",
+        action="store_true",
+        help="with the broker accounts, from GATEWAY_BROKER_<ACCOUNT>_PASSWORD (compose)",
+    )
+    definitions.add_argument("--out", help="write to this file instead of standard output")
 
     args = parser.parse_args(argv)
     try:
@@ -70,7 +82,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _local_stack_defaults() -> None:
+    """Commands that reach the database, the broker or Redis use the `GATEWAY_*` settings; on
+    a machine running the local stack, and with none given, they default to that stack's
+    (its generated passwords live in `.run/dev/secrets/`)."""
+    stack = LocalStack.dev()
+    if not (stack.run_dir / "secrets").is_dir():
+        return
+    os.environ.setdefault("GATEWAY_DATABASE_URL", stack.database_url)
+    os.environ.setdefault("GATEWAY_AMQP_URL", stack.amqp_url_for(accounts.API))
+    os.environ.setdefault("GATEWAY_REDIS_URL", stack.redis_url)
+    os.environ.setdefault("GATEWAY_BROKER_MANAGEMENT_URL", stack.management_api_url)
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.command != "stack":
+        _local_stack_defaults()
     if args.command == "stack":
         stack = LocalStack.test() if args.name == "test" else LocalStack.dev()
         match args.action:
@@ -128,7 +155,18 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "definitions":
         from gateway.topology import render_definitions
 
-        sys.stdout.write(render_definitions())
+        try:
+            text = render_definitions()
+            if args.accounts:
+                passwords = accounts.passwords_from_environment()
+                text = accounts.render(json.loads(text), passwords)
+        except ValueError as exc:
+            print(f"gateway: {exc}", file=sys.stderr)
+            return 1
+        if args.out:
+            Path(args.out).write_text(text)
+        else:
+            sys.stdout.write(text)
         return 0
     return 2
 

@@ -9,7 +9,7 @@ import sys
 import redis
 from pydantic import ValidationError
 
-from gateway import queries, registry, state
+from gateway import queries, registry, sessions, state
 from gateway.db import make_engine
 from gateway.settings import CommonSettings
 
@@ -39,6 +39,8 @@ def run_devices(args: argparse.Namespace) -> int:
                         registry.DeviceChanges(enabled=args.action == "enable"),
                     )
         _mirror(settings, device)
+        if args.action in ("rotate", "disable"):
+            sessions.close_sessions(settings.broker_management_url, device.device_id)
     except ValidationError as exc:
         print(f"gateway: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", file=sys.stderr)
         return 1
@@ -56,8 +58,8 @@ def run_devices(args: argparse.Namespace) -> int:
     print(issued.note)
     print("\nMQTT: username = device id, password = token, e.g.")
     print(
-        f"  mosquitto_pub -h 127.0.0.1 -p 1884 -q 1 -u {issued.device_id} -P '{issued.token}' "
-        f"-t devices/{issued.device_id}/heartbeat -m '{{\"seq\":1}}'"
+        f"  mosquitto_pub -h 127.0.0.1 -p 1884 -q 1 -i {issued.device_id} -u {issued.device_id} "
+        f"-P '{issued.token}' -t devices/{issued.device_id}/heartbeat -m '{{\"seq\":1}}'"
     )
     print("HTTP:")
     print(

@@ -19,6 +19,8 @@ class Reason(StrEnum):
     INVALID_STATUS = "invalid_status"
     INVALID_MESSAGE = "invalid_message"
     UNSTORABLE = "unstorable"
+    #: Sent before its device was disabled, stored after: never stored as the device's.
+    DEVICE_DISABLED = "device_disabled"
 
 
 class InputError(ValueError):

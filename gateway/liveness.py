@@ -9,6 +9,7 @@ PostgreSQL NOTIFY on commit, so the api streams exactly what was stored.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 from pydantic import BaseModel
@@ -38,17 +39,29 @@ class StatusEvent(BaseModel):
 
 
 _LOCK_STATUSES = (
-    select(devices.c.device_id, devices.c.status)
+    select(devices.c.device_id, devices.c.status, devices.c.enabled)
     .where(devices.c.device_id == any_(bindparam("ids", type_=ARRAY(Text))))
     .order_by(devices.c.device_id)
     .with_for_update()
 )
 
 
-def lock_statuses(conn: Connection, device_ids: list[str]) -> dict[str, DeviceStatus]:
-    """The current status of these devices, row-locked until commit (in id order: no deadlock)."""
+@dataclass(frozen=True)
+class Locked:
+    #: The current status of each device that exists.
+    status: dict[str, DeviceStatus]
+    #: The devices among them that are disabled.
+    disabled: frozenset[str]
+
+
+def lock_statuses(conn: Connection, device_ids: list[str]) -> Locked:
+    """The current status of these devices, row-locked until commit (in id order: no deadlock),
+    so that neither their status nor whether they are enabled changes before the commit."""
     rows = conn.execute(_LOCK_STATUSES, {"ids": sorted(set(device_ids))}).all()
-    return {device_id: DeviceStatus(status) for device_id, status in rows}
+    return Locked(
+        {device_id: DeviceStatus(status) for device_id, status, _ in rows},
+        frozenset(device_id for device_id, _, enabled in rows if not enabled),
+    )
 
 
 def record_changes(

@@ -22,14 +22,14 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway import topology
-from gateway.topology import SERVICE_PASSWORD, SERVICE_USER
+from gateway import accounts, topology
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RABBITMQ_DIR = PROJECT_ROOT / "rabbitmq"
@@ -48,9 +48,9 @@ TEST_PACKAGES = {
     "docker-compose": "docker-compose",
 }
 
-#: The local stack's database; its role and the broker's service account share the
-#: development credentials of `gateway.topology` (loopback only).
+#: The local stack's database and its owner role (password: the stack's `postgres` secret).
 DATABASE = "gateway"
+DATABASE_USER = "gateway"
 
 
 class StackError(RuntimeError):
@@ -170,24 +170,44 @@ class LocalStack:
         }[kind]
         return base + 20 * (int(instance) - 1) if instance else base
 
-    @property
-    def amqp_url(self) -> str:
-        """As the operators' account (administrator)."""
-        return self.amqp_url_for(SERVICE_USER, SERVICE_PASSWORD)
+    # ---- secrets --------------------------------------------------------------------------
 
-    def amqp_url_for(self, user: str, password: str) -> str:
-        return f"amqp://{user}:{password}@127.0.0.1:{self.ports.amqp}/%2F"
+    def secret(self, name: str) -> str:
+        """A password of this stack (`broker-<account>`, `postgres`, `redis`), generated once
+        into `.run/<stack>/secrets/` (readable by its owner only) and reused afterwards."""
+        path = self.run_dir / "secrets" / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.chmod(0o700)
+            _write_private(path, secrets.token_urlsafe(32) + "\n")
+        return path.read_text().strip()
+
+    def broker_password(self, account: str) -> str:
+        return self.secret(f"broker-{account}")
+
+    def amqp_url_for(self, account: str, vhost: str = "/") -> str:
+        """AMQP as one of the broker accounts (`gateway.accounts`)."""
+        quoted = urllib.parse.quote(vhost, safe="")
+        return (
+            f"amqp://{account}:{self.broker_password(account)}@127.0.0.1:{self.ports.amqp}/{quoted}"
+        )
+
+    @property
+    def management_api_url(self) -> str:
+        """The management API as the broker administrator (what the api is given)."""
+        admin = accounts.ADMIN
+        return f"http://{admin}:{self.broker_password(admin)}@127.0.0.1:{self.ports.management}"
 
     @property
     def database_url(self) -> str:
         return (
-            f"postgresql+psycopg2://{SERVICE_USER}:{SERVICE_PASSWORD}"
+            f"postgresql+psycopg2://{DATABASE_USER}:{self.secret('postgres')}"
             f"@127.0.0.1:{self.ports.postgres}/{DATABASE}"
         )
 
     @property
     def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.ports.redis}/0"
+        return f"redis://:{self.secret('redis')}@127.0.0.1:{self.ports.redis}/0"
 
     @property
     def api_url(self) -> str:
@@ -212,11 +232,10 @@ class LocalStack:
     def env(self, app: str, *, health_port: int | None = None) -> dict[str, str]:
         """The environment of app `app` (bridge, worker, api): the user's GATEWAY_* settings,
         then this stack's connections, with the app's own broker account."""
-        account = f"gateway-{app}"
         env = dict(os.environ)
         env.update(
             GATEWAY_ENVIRONMENT=os.environ.get("GATEWAY_ENVIRONMENT", "development"),
-            GATEWAY_AMQP_URL=self.amqp_url_for(account, account),
+            GATEWAY_AMQP_URL=self.amqp_url_for(f"gateway-{app}"),
             GATEWAY_DATABASE_URL=self.database_url,
             GATEWAY_REDIS_URL=self.redis_url,
             GATEWAY_API_HOST="127.0.0.1",
@@ -226,6 +245,7 @@ class LocalStack:
             GATEWAY_BRIDGE_HEALTH_PORT=str(self.ports.bridge_health),
             GATEWAY_WORKER_HEALTH_PORT=str(self.ports.worker_health),
             GATEWAY_OPERATOR_TOKEN=self.operator_token(),
+            GATEWAY_BROKER_MANAGEMENT_URL=self.management_api_url,
             GATEWAY_LOG_FORMAT=os.environ.get("GATEWAY_LOG_FORMAT", "text"),
         )
         if health_port is not None and app in ("bridge", "worker"):
@@ -298,10 +318,11 @@ class LocalStack:
         lines = [
             f"stack {self.name} is up (pids and logs in {self.run_dir})",
             f"  MQTT        127.0.0.1:{p.mqtt}   (mosquitto_pub -h 127.0.0.1 -p {p.mqtt} ...)",
-            f"  AMQP        {self.amqp_url}",
-            f"  management  {self.management_url}   ({SERVICE_USER} / {SERVICE_PASSWORD})",
-            f"  PostgreSQL  {self.database_url.replace('+psycopg2', '')}",
-            f"  Redis       {self.redis_url}",
+            f"  AMQP        127.0.0.1:{p.amqp}",
+            f"  management  {self.management_url}   (user {accounts.ADMIN})",
+            f"  PostgreSQL  127.0.0.1:{p.postgres}, database {DATABASE}, user {DATABASE_USER}",
+            f"  Redis       127.0.0.1:{p.redis}",
+            f"  passwords   {self.run_dir / 'secrets'}/ (generated; never leave this machine)",
         ]
         if apps:
             lines += [
@@ -335,7 +356,7 @@ class LocalStack:
         shared = (RABBITMQ_DIR / "rabbitmq.conf").read_text()
         p = self.ports
         overrides = {
-            "load_definitions": str(RABBITMQ_DIR / "definitions.json"),
+            "load_definitions": str(self.definitions_file),
             "listeners.tcp.default": f"127.0.0.1:{p.amqp}",
             "mqtt.listeners.tcp.default": f"127.0.0.1:{p.mqtt}",
             "management.tcp.ip": "127.0.0.1",
@@ -352,6 +373,16 @@ class LocalStack:
         }
         return apply_overrides(shared, overrides)
 
+    @property
+    def definitions_file(self) -> Path:
+        """What the node loads at boot: the shared topology and this stack's accounts."""
+        return self.run_dir / "rabbitmq" / "definitions.json"
+
+    def write_definitions(self) -> None:
+        topology_definitions = json.loads((RABBITMQ_DIR / "definitions.json").read_text())
+        passwords = {name: self.broker_password(name) for name in accounts.ACCOUNT_NAMES}
+        _write_private(self.definitions_file, accounts.render(topology_definitions, passwords))
+
     def start_rabbitmq(self) -> None:
         if self.component("rabbitmq").pid():
             return
@@ -359,6 +390,7 @@ class LocalStack:
         for sub in ("home", "mnesia"):
             (base / sub).mkdir(parents=True, exist_ok=True)
         (base / "rabbitmq.conf").write_text(self.rabbitmq_config())
+        self.write_definitions()
         _require_free(self.ports.amqp, self.ports.mqtt, self.ports.management, self.ports.dist)
         subprocess.run(
             [str(RABBITMQ_SERVER), "-detached"],
@@ -379,14 +411,14 @@ class LocalStack:
         return True
 
     def management(self, method: str, path: str, body: object | None = None) -> object:
-        """Call the management HTTP API as the service user."""
+        """Call the management HTTP API as the broker administrator."""
+        credentials = f"{accounts.ADMIN}:{self.broker_password(accounts.ADMIN)}"
         request = urllib.request.Request(
             self.management_url + path,
             method=method,
             data=json.dumps(body).encode() if body is not None else None,
             headers={
-                "Authorization": "Basic "
-                + base64.b64encode(f"{SERVICE_USER}:{SERVICE_PASSWORD}".encode()).decode(),
+                "Authorization": "Basic " + base64.b64encode(credentials.encode()).decode(),
                 "Content-Type": "application/json",
             },
         )
@@ -419,8 +451,6 @@ class LocalStack:
         bindir = _postgres_bindir()
         as_owner = _postgres_runner(base)
         if not (data / "PG_VERSION").exists():
-            pwfile = base / "pwfile"
-            pwfile.write_text(SERVICE_PASSWORD + "\n")
             _chown_for_postgres(base)
             subprocess.run(
                 [
@@ -429,8 +459,9 @@ class LocalStack:
                     "-D",
                     str(data),
                     "-U",
-                    SERVICE_USER,
-                    f"--pwfile={pwfile}",
+                    DATABASE_USER,
+                    # Local (socket) connections are trusted: only this machine's users reach
+                    # the socket, which lives in the stack's own folder. TCP needs the password.
                     "--auth-local=trust",
                     "--auth-host=scram-sha-256",
                     "--encoding=UTF8",
@@ -439,7 +470,6 @@ class LocalStack:
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
-            pwfile.unlink()
         _require_free(self.ports.postgres)
         options = (
             f"-p {self.ports.postgres} -c listen_addresses=127.0.0.1 -k {base} "
@@ -468,21 +498,23 @@ class LocalStack:
 
     def _create_database(self) -> None:
         with self._postgres_admin() as cur:
+            # The stack's secret, set on every start (a lost secret file is simply replaced).
+            cur.execute(f'ALTER ROLE "{DATABASE_USER}" PASSWORD %s', (self.secret("postgres"),))
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
             if cur.fetchone() is None:
                 cur.execute(f'CREATE DATABASE "{DATABASE}"')
 
     @contextlib.contextmanager
     def _postgres_admin(self) -> Iterator[Any]:
-        """A cursor on the `postgres` database, in autocommit (for CREATE and DROP DATABASE)."""
+        """A cursor on the `postgres` database over the stack's own socket, in autocommit (for
+        CREATE and DROP DATABASE, and setting the role's password)."""
         import psycopg2
 
         with contextlib.closing(
             psycopg2.connect(
-                host="127.0.0.1",
+                host=str(self.run_dir / "postgres"),
                 port=self.ports.postgres,
-                user=SERVICE_USER,
-                password=SERVICE_PASSWORD,
+                user=DATABASE_USER,
                 dbname="postgres",
                 connect_timeout=5,
             )
@@ -544,10 +576,15 @@ class LocalStack:
             return
         directory = self.run_dir / "redis"
         directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o700)
+        # The password goes in a file, never on the command line (which every user can read).
+        config = directory / "redis.conf"
+        _write_private(config, f"requirepass {self.secret('redis')}\n")
         _require_free(self.ports.redis)
         subprocess.run(
             [
                 "redis-server",
+                str(config),
                 "--port",
                 str(self.ports.redis),
                 "--bind",
@@ -578,8 +615,11 @@ class LocalStack:
     def redis_ready(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.ports.redis), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                sock.sendall(b"AUTH %s\r\nPING\r\n" % self.secret("redis").encode())
+                reply = b""
+                while reply.count(b"\r\n") < 2 and (chunk := sock.recv(64)):
+                    reply += chunk
+                return reply == b"+OK\r\n+PONG\r\n"
         except OSError:
             return False
 
@@ -643,7 +683,17 @@ class LocalStack:
             timeout,
             self.log_dir / f"{self.node_name}.log",
         )
+        self.revoke_stale_permissions()
         _wait("Redis", self.redis_ready, timeout, self.component("redis").log_file)
+
+    def revoke_stale_permissions(self) -> None:
+        """Loading definitions adds and updates, never removes: an account that must have no
+        access to the vhost (the administrator) loses what an older version gave it."""
+        vhost = urllib.parse.quote(accounts.VHOST, safe="")
+        for account in accounts.ACCOUNTS:
+            if account.permissions is None:
+                with contextlib.suppress(urllib.error.HTTPError):  # 404: nothing to revoke
+                    self.management("DELETE", f"/api/permissions/{vhost}/{account.name}")
 
     def wait_apps(self, names: tuple[str, ...] = ("worker", "bridge", "api"), timeout=60) -> None:
         for name in names:
@@ -655,6 +705,14 @@ class LocalStack:
                 return self.app_ready(name)
 
             _wait(name, ready, timeout, component.log_file)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file that holds a secret: readable by its owner only, from its first byte."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(text)
 
 
 def apply_overrides(config: str, overrides: dict[str, str]) -> str:

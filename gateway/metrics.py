@@ -49,3 +49,7 @@ QUEUE_DEPTH = Gauge(
     ["queue"],
 )
 SWEEPER_LEADER = Gauge("gateway_sweeper_leader", "1 while this worker is the one sweeper")
+SESSION_CLOSE_FAILURES = Counter(
+    "gateway_session_close_failures_total",
+    "Devices disabled or rotated whose open broker connections could not be closed",
+)

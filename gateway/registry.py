@@ -13,7 +13,9 @@ from pydantic import BaseModel, Field
 from sqlalchemy import Connection, case, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
+from gateway import liveness
 from gateway.credentials import new_token, token_hash, token_matches
+from gateway.messages import DeviceStatus
 from gateway.schema import devices
 from gateway.state import DeviceState
 from gateway.topics import DeviceId
@@ -121,11 +123,13 @@ def register(conn: Connection, registration: Registration) -> tuple[IssuedToken,
     state = _returning_state(conn, stmt)
     if state is None:
         raise DeviceExists(f"device {device_id!r} is already registered; rotate its token instead")
+    announce(conn, device_id)
     return _issued(token, state), state
 
 
 def announce(conn: Connection, device_id: str) -> None:
-    """Tell every api process, on commit, that this device's credentials changed."""
+    """Tell every api process, on commit, that this device's credentials changed (or that it
+    has credentials now)."""
     conn.execute(select(func.pg_notify(CREDENTIALS_CHANNEL, device_id)))
 
 
@@ -152,9 +156,18 @@ def change(
     conn: Connection, device_id: str, changes: DeviceChanges, *, offline_factor: float = 3.0
 ) -> DeviceState:
     """Change a device's interval or enable it; an online device's deadline follows its new
-    interval at once."""
+    interval at once. A device disabled is offline at once (reason `disabled`, an event of its
+    own): it may no longer speak, so it is not up."""
     values = changes.model_dump(exclude_none=True)
-    if changes.heartbeat_interval_s is not None:
+    before = liveness.lock_statuses(conn, [device_id]).status if changes.enabled is False else {}
+    if before.get(device_id) == DeviceStatus.ONLINE:
+        values |= {
+            "status": DeviceStatus.OFFLINE.value,
+            "status_changed_at": func.now(),
+            "status_reason": "disabled",
+            "offline_deadline": None,
+        }
+    if changes.heartbeat_interval_s is not None and "offline_deadline" not in values:
         d = devices.c
         values["offline_deadline"] = case(
             (
@@ -176,6 +189,8 @@ def change(
         raise UnknownDevice(f"no device {device_id!r}")
     if changes.enabled is not None:
         announce(conn, device_id)
+    if before:
+        liveness.record_changes(conn, before, [state])
     return state
 
 
@@ -187,6 +202,19 @@ def authenticate(conn: Connection, device_id: str, token: str) -> Verdict:
     if not token_matches(token, row.token_hash if row else None):
         return Verdict.UNKNOWN_DEVICE if row is None else Verdict.BAD_TOKEN
     return Verdict.OK if row.enabled else Verdict.DISABLED
+
+
+def token_hashes(cursor) -> list[str]:
+    """Every device's token hash, on a DB-API cursor (the api's LISTEN connection)."""
+    cursor.execute("SELECT token_hash FROM devices WHERE token_hash IS NOT NULL")
+    return [digest for (digest,) in cursor.fetchall()]
+
+
+def token_hash_of(cursor, device_id: str) -> str | None:
+    """A device's token hash now, on a DB-API cursor (after its credentials changed)."""
+    cursor.execute("SELECT token_hash FROM devices WHERE device_id = %s", (device_id,))
+    row = cursor.fetchone()
+    return row[0] if row else None
 
 
 def identify(conn: Connection, digest: str) -> Identity | None:

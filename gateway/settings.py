@@ -10,7 +10,15 @@ import secrets
 import sys
 from typing import Literal, TypeVar
 
-from pydantic import AmqpDsn, Field, PostgresDsn, RedisDsn, ValidationError, model_validator
+from pydantic import (
+    AmqpDsn,
+    AnyHttpUrl,
+    Field,
+    PostgresDsn,
+    RedisDsn,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.messages import MAX_BATCH_ITEMS
@@ -18,18 +26,65 @@ from gateway.partitions import DEDUP_WINDOW_DAYS
 
 Environment = Literal["development", "test", "production"]
 
-#: Operator tokens that must never guard a real deployment.
-KNOWN_DEFAULT_TOKENS = frozenset({"", "changeme", "change-me", "operator", "secret", "dev"})
+#: Secrets that must never guard a real deployment: defaults of this project's ancestors and of
+#: the software it runs on.
+KNOWN_DEFAULT_SECRETS = frozenset(
+    {
+        "",
+        "admin",
+        "changeme",
+        "change-me",
+        "dev",
+        "gateway",
+        "gateway-api",
+        "gateway-bridge",
+        "gateway-worker",
+        "guest",
+        "operator",
+        "password",
+        "postgres",
+        "rabbitmq",
+        "redis",
+        "secret",
+    }
+)
+MIN_SECRET_LENGTH = 16
+
+
+def weak_secret(secret: str | None, user: str | None = None) -> str | None:
+    """Why `secret` must not guard a real deployment, or None when it may."""
+    if not secret:
+        return "no password or token is set"
+    if secret.lower() in KNOWN_DEFAULT_SECRETS or (user and secret.lower() == user.lower()):
+        return "it is a known default"
+    if len(secret) < MIN_SECRET_LENGTH:
+        return f"it is shorter than {MIN_SECRET_LENGTH} characters"
+    if len(set(secret)) < 6:
+        return "it repeats too few characters"
+    return None
+
+
+def _weak_url(name: str, url: object) -> str | None:
+    """A connection URL's password, checked as a secret (None when it is strong)."""
+    password = getattr(url, "password", None)
+    if not password and hasattr(url, "hosts"):  # multi-host DSNs (PostgresDsn)
+        hosts = url.hosts()
+        password = hosts[0].get("password") if hosts else None
+        user = hosts[0].get("username") if hosts else None
+    else:
+        user = getattr(url, "username", None)
+    problem = weak_secret(password, user)
+    return f"{name}: {problem}" if problem else None
 
 
 class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=".env", extra="ignore")
 
     environment: Environment = "development"
-    amqp_url: AmqpDsn = AmqpDsn("amqp://gateway:gateway@127.0.0.1:5673/%2F")
-    database_url: PostgresDsn = PostgresDsn(
-        "postgresql+psycopg2://gateway:gateway@127.0.0.1:5433/gateway"
-    )
+    #: Connections default to the local stack's ports, without credentials: the local stack gives
+    #: its services theirs, and every other deployment sets its own.
+    amqp_url: AmqpDsn = AmqpDsn("amqp://127.0.0.1:5673/%2F")
+    database_url: PostgresDsn = PostgresDsn("postgresql+psycopg2://gateway@127.0.0.1:5433/gateway")
     redis_url: RedisDsn = RedisDsn("redis://127.0.0.1:6380/0")
     log_level: str = "INFO"
     #: `json` (one object per line, for containers), `text` (for terminals), or `auto`.
@@ -41,6 +96,41 @@ class CommonSettings(BaseSettings):
     health_host: str = "127.0.0.1"
     #: Seconds a service waits for its open work to finish on SIGTERM.
     shutdown_timeout_s: float = Field(default=8.0, gt=0)
+    #: RabbitMQ's management API as the broker administrator (`http://gateway:<password>@host:
+    #: 15672`): whoever disables a device or rotates its token (the api, the `gateway devices`
+    #: command) closes the device's live MQTT connections through it. Required by the api
+    #: outside development.
+    broker_management_url: AnyHttpUrl | None = None
+
+    @model_validator(mode="after")
+    def _secrets_are_safe(self) -> CommonSettings:
+        """Outside development every password a service holds must be its deployment's own."""
+        if self.environment == "development":
+            return self
+        problems = [
+            problem
+            for name, url in self.secret_urls().items()
+            if (problem := _weak_url(name, url)) is not None
+        ]
+        if problems:
+            raise ValueError(
+                "unsafe secrets: "
+                + "; ".join(problems)
+                + " (generate each, e.g. python3 -c"
+                + " 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        return self
+
+    def secret_urls(self) -> dict[str, object]:
+        """The connection URLs whose passwords are checked outside development."""
+        urls: dict[str, object] = {
+            "GATEWAY_AMQP_URL": self.amqp_url,
+            "GATEWAY_DATABASE_URL": self.database_url,
+            "GATEWAY_REDIS_URL": self.redis_url,
+        }
+        if self.broker_management_url is not None:
+            urls["GATEWAY_BROKER_MANAGEMENT_URL"] = self.broker_management_url
+        return urls
 
 
 class BridgeSettings(CommonSettings):
@@ -96,6 +186,11 @@ class ApiSettings(CommonSettings):
     api_linger_ms: int = Field(default=2, ge=0)
     operator_token: str = ""
 
+    def secret_urls(self) -> dict[str, object]:
+        # The api must be able to close a disabled device's connections.
+        management = {"GATEWAY_BROKER_MANAGEMENT_URL": self.broker_management_url}
+        return {**super().secret_urls(), **management}
+
     @model_validator(mode="after")
     def _listeners_differ(self) -> ApiSettings:
         if self.api_port == self.api_internal_port:
@@ -104,10 +199,11 @@ class ApiSettings(CommonSettings):
 
     @model_validator(mode="after")
     def _operator_token_is_safe(self) -> ApiSettings:
-        if self.operator_token in KNOWN_DEFAULT_TOKENS or len(self.operator_token) < 16:
+        problem = weak_secret(self.operator_token)
+        if problem is not None:
             if self.environment != "development":
                 raise ValueError(
-                    "GATEWAY_OPERATOR_TOKEN is unset, too short or a known default; "
+                    f"GATEWAY_OPERATOR_TOKEN is unsafe ({problem}); "
                     "set a random one of at least 16 characters "
                     '(python -c "import secrets; print(secrets.token_urlsafe(32))")'
                 )

@@ -47,12 +47,15 @@ class BatchResult:
     duplicates: int = 0
     states: list[DeviceState] = field(default_factory=list)
     events: list[StatusEvent] = field(default_factory=list)
+    #: Messages of devices disabled when the batch was written: not stored (dead letters).
+    disabled: list[Heartbeat | StatusReport] = field(default_factory=list)
 
     def add(self, other: BatchResult) -> None:
         self.inserted += other.inserted
         self.duplicates += other.duplicates
         self.states += other.states
         self.events += other.events
+        self.disabled += other.disabled
 
 
 def write_batch(
@@ -65,15 +68,22 @@ def write_batch(
     dedup_window_days: int = partitions.DEDUP_WINDOW_DAYS,
 ) -> BatchResult:
     """Insert heartbeats (skipping ones already stored), move device state forward, and record
-    every change of status as an event.
+    every change of status as an event. Messages of disabled devices are left out and returned
+    in `disabled`: the devices' rows are locked first, so a device is either disabled before
+    the batch (and none of its messages stored) or after it commits.
 
     Runs inside the caller's transaction; nothing is visible (or announced) until it commits.
     """
     result = BatchResult()
+    locked = liveness.lock_statuses(conn, [m.device_id for m in (*beats, *statuses)])
+    if locked.disabled:
+        result.disabled = [m for m in (*beats, *statuses) if m.device_id in locked.disabled]
+        beats = [b for b in beats if b.device_id not in locked.disabled]
+        statuses = [s for s in statuses if s.device_id not in locked.disabled]
     if beats:
         result.inserted = _insert_heartbeats(conn, beats, dedup_window_days)
         result.duplicates = len(beats) - result.inserted
-    status = liveness.lock_statuses(conn, [m.device_id for m in (*beats, *statuses)])
+    status = dict(locked.status)
     states: dict[str, DeviceState] = {}
 
     def changed(new_states: list[DeviceState]) -> None:

@@ -7,8 +7,6 @@ service declares it again on connect, which is idempotent.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,12 +72,14 @@ def work_routing_key(device_id: str) -> str:
 
 
 async def declare(
-    channel: aio_pika.abc.AbstractChannel,
+    channel: aio_pika.abc.AbstractChannel, *, inbox: bool = False
 ) -> dict[str, aio_pika.abc.AbstractQueue]:
-    """Declare the whole topology on `channel` (safe to repeat); returns the queues by name.
+    """Declare the topology on `channel` (safe to repeat); returns the queues by name.
 
-    Consume from these objects: a robust channel restores the queues declared through it, and
-    their consumers, after it reconnects (a queue fetched with `get_queue` would be forgotten).
+    The MQTT inbox and its binding to `amq.topic` only with `inbox` (the bridge's: no other
+    account may read `amq.topic`). Consume from these objects: a robust channel restores the
+    queues declared through it, and their consumers, after it reconnects (a queue fetched with
+    `get_queue` would be forgotten).
     """
     exchanges = {MQTT_EXCHANGE: await channel.get_exchange(MQTT_EXCHANGE, ensure=False)}
     for exchange in EXCHANGES:
@@ -88,59 +88,25 @@ async def declare(
         )
     queues = {}
     for queue in QUEUES:
+        if queue.name == MQTT_INBOX_QUEUE and not inbox:
+            continue
         queues[queue.name] = await channel.declare_queue(
             queue.name, durable=True, arguments=queue.arguments or None
         )
     for binding in BINDINGS:
-        await queues[binding.queue].bind(exchanges[binding.exchange], binding.routing_key)
+        if binding.queue in queues:
+            await queues[binding.queue].bind(exchanges[binding.exchange], binding.routing_key)
     return queues
-
-
-#: The operators' account (administrator: management UI, `rabbitmqctl`, tests).
-SERVICE_USER = "gateway"
-SERVICE_PASSWORD = "gateway"
-#: One account per service, allowed only the gateway's own exchanges and queues. Development
-#: passwords (the account name): change them in production with `rabbitmqctl change_password`
-#: and set each service's GATEWAY_AMQP_URL.
-SERVICE_ACCOUNTS = ("gateway-bridge", "gateway-worker", "gateway-api")
-SERVICE_PERMISSIONS = {
-    "configure": r"^gateway\..*",
-    "write": r"^gateway\..*",
-    "read": r"^(gateway\..*|amq\.topic)$",
-}
-
-
-def password_hash(password: str, salt: bytes) -> str:
-    """A password hash in RabbitMQ's `rabbit_password_hashing_sha256` format."""
-    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
 
 
 def definitions(vhost: str = "/") -> dict[str, Any]:
     """The topology in RabbitMQ's definitions format (`load_definitions`).
 
-    A node that loads definitions at boot creates no default user or vhost, so they are here.
+    A node that loads definitions at boot creates no default user or vhost: the vhost is here,
+    the users in `gateway.accounts` (their passwords are the deployment's own).
     """
     return {
         "vhosts": [{"name": vhost}],
-        "users": [
-            {
-                "name": name,
-                "password_hash": password_hash(password, name.encode()[-4:]),
-                "hashing_algorithm": "rabbit_password_hashing_sha256",
-                "tags": tags,
-            }
-            for name, password, tags in [
-                (SERVICE_USER, SERVICE_PASSWORD, ["administrator"]),
-                *((account, account, []) for account in SERVICE_ACCOUNTS),
-            ]
-        ],
-        "permissions": [
-            {"user": SERVICE_USER, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"},
-            *(
-                {"user": account, "vhost": vhost, **SERVICE_PERMISSIONS}
-                for account in SERVICE_ACCOUNTS
-            ),
-        ],
         "exchanges": [
             {
                 "name": e.name,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,9 +20,9 @@ import redis
 from sqlalchemy import Engine
 from support import OPERATOR_TOKEN, Device, unavailable, unique
 
+from gateway import accounts
 from gateway.db import make_engine
 from gateway.localstack import LocalStack, StackError
-from gateway.topology import SERVICE_USER
 
 
 @pytest.fixture(scope="session")
@@ -77,12 +76,10 @@ def vhost(stack: LocalStack) -> Iterator[str]:
     stack.management("PUT", f"/api/vhosts/{name}", {})
     stack.management(
         "PUT",
-        f"/api/permissions/{name}/{SERVICE_USER}",
+        f"/api/permissions/{name}/{accounts.ADMIN}",
         {"configure": ".*", "write": ".*", "read": ".*"},
     )
-    base = stack.amqp_url.rsplit("/", 1)[0]
-    url = f"{base}/{urllib.parse.quote(name, safe='')}"
-    yield url
+    yield stack.amqp_url_for(accounts.ADMIN, name)
     stack.management("DELETE", f"/api/vhosts/{name}")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import subprocess
 import threading
 from pathlib import Path
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 from sqlalchemy import create_engine
 from support import Device, history, poll, publish_acked, unique
 
-from gateway import registry
+from gateway import accounts, registry
 from gateway.localstack import LocalStack
 from gateway.settings import ApiSettings
 
@@ -219,7 +220,7 @@ def test_a_device_reads_its_own_commands(apps, stack, device: Device) -> None:
         assert session.subscribe_granted(f"devices/{device.device_id}/commands")
 
         async def send() -> None:
-            async with await aio_pika.connect(stack.amqp_url) as conn:
+            async with await aio_pika.connect(stack.amqp_url_for(accounts.API)) as conn:
                 channel = await conn.channel()
                 exchange = await channel.get_exchange("amq.topic")
                 await exchange.publish(
@@ -356,15 +357,17 @@ def auth_failures(apps: LocalStack) -> float:
 
 
 def test_broker_auth_endpoints_are_not_a_way_in(apps, device: Device) -> None:
-    form = {"username": device.device_id, "password": device.token}
+    form = {"username": device.device_id, "password": device.token, "client_id": device.device_id}
     public = httpx.post(f"{apps.api_url}/internal/rabbitmq/user", data=form)
     assert public.status_code == 404
     internal = f"http://127.0.0.1:{apps.ports.api_internal}/internal/rabbitmq"
     assert httpx.post(f"{internal}/user", data=form).text == "allow"
     for bad in (
-        {"username": device.device_id, "password": "x"},
-        {"username": device.device_id},
-        {"username": "../../etc", "password": device.token},
+        {**form, "password": "x"},
+        {**form, "client_id": "another"},
+        {"username": device.device_id, "password": device.token},  # not MQTT: no client id
+        {"username": device.device_id, "client_id": device.device_id},
+        {"username": "../../etc", "password": device.token, "client_id": "../../etc"},
         {},
     ):
         assert httpx.post(f"{internal}/user", data=bad).text == "deny"
@@ -376,6 +379,7 @@ def test_broker_auth_endpoints_are_not_a_way_in(apps, device: Device) -> None:
         "routing_key": f"devices.{device.device_id}.heartbeat",
         "vhost": "/",
         "resource": "topic",
+        "variable_map.client_id": device.device_id,
     }
     assert httpx.post(f"{internal}/topic", data=topic).text == "allow"
     assert (
@@ -385,10 +389,12 @@ def test_broker_auth_endpoints_are_not_a_way_in(apps, device: Device) -> None:
     assert "internal" not in httpx.get(f"{apps.api_url}/openapi.json").text
 
 
-def test_tokens_never_reach_the_logs(apps, api, device: Device) -> None:
+def test_tokens_never_reach_the_logs(apps, api, register) -> None:
+    device, other = register(), register()
     logs = list(apps.log_dir.glob("*.log"))
     before = {path: path.stat().st_size for path in logs}
-    connect(apps, device, password="gwd_wrong-secret-value").close()
+    connect(apps, device, password=other.token).close()  # a real token, of another device
+    connect(apps, device, password="gwd_wrong-secret-value").close()  # nobody's
     refused = httpx.post(
         f"{apps.api_url}/api/v1/devices/{device.device_id}/heartbeats",
         json={},
@@ -411,18 +417,23 @@ def test_tokens_never_reach_the_logs(apps, api, device: Device) -> None:
         what="the refused login in the logs",
     )
     everything = "".join(path.read_text(errors="replace") for path in logs)
-    assert device.token not in added and device.token not in everything
-    assert "gwd_wrong-secret-value" not in everything
+    for token in (device.token, other.token, "gwd_wrong-secret-value"):
+        assert token not in added and token not in everything
 
 
 # ---- operator token -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("token", ["", "changeme", "short"])
-def test_api_refuses_an_unsafe_operator_token_outside_development(token: str) -> None:
+@pytest.mark.parametrize("token", ["", "changeme", "short", "x" * 32])
+def test_api_refuses_an_unsafe_operator_token_outside_development(apps, token: str) -> None:
+    deployed = {
+        name.removeprefix("GATEWAY_").lower(): value
+        for name, value in apps.env("api").items()
+        if name.endswith("_URL") and name.startswith("GATEWAY_")
+    }
     with pytest.raises(ValidationError, match="GATEWAY_OPERATOR_TOKEN"):
-        ApiSettings(environment="production", operator_token=token)
-    ApiSettings(environment="production", operator_token="x" * 32)
+        ApiSettings(environment="production", operator_token=token, **deployed)
+    ApiSettings(environment="production", operator_token=secrets.token_urlsafe(32), **deployed)
 
 
 def test_api_process_will_not_start_with_an_unsafe_token(apps) -> None:

@@ -13,7 +13,6 @@ import aio_pika.abc
 import pytest
 
 from gateway.broker import Acks
-from gateway.localstack import LocalStack
 
 
 @dataclass(eq=False)
@@ -112,7 +111,7 @@ def test_messages_of_a_closed_channel_are_never_acked() -> None:
     assert new.frames == [("ack", 2, True)]
 
 
-def test_on_rabbitmq_only_the_run_of_done_messages_is_acked(stack: LocalStack) -> None:
+def test_on_rabbitmq_only_the_run_of_done_messages_is_acked(vhost: str) -> None:
     """The real broker: 10 delivered, the 4th still being handled when the others are done.
     Only 1-3 are acked; when the channel closes, the 4th and the 6 after it come back."""
 
@@ -124,7 +123,7 @@ def test_on_rabbitmq_only_the_run_of_done_messages_is_acked(stack: LocalStack) -
             await asyncio.sleep(0.05)
 
     async def scenario() -> None:
-        async with await aio_pika.connect(stack.amqp_url) as connection:
+        async with await aio_pika.connect(vhost) as connection:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=10)
             queue = await channel.declare_queue(exclusive=True)

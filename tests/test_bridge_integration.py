@@ -52,7 +52,7 @@ async def declared(vhost: str) -> AsyncIterator[tuple[aio_pika.abc.AbstractConne
     """A connection to the test vhost, and a channel on which the topology is declared."""
     async with await aio_pika.connect(vhost) as conn:
         channel = await conn.channel()
-        await topology.declare(channel)
+        await topology.declare(channel, inbox=True)
         yield conn, channel
 
 

@@ -46,7 +46,7 @@ def mosquitto_pub(stack: LocalStack, device: Device, kind: str, message: str) ->
     if shutil.which("mosquitto_pub") is None:
         unavailable("mosquitto_pub is missing (apt-get install mosquitto-clients)")
     command = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(stack.ports.mqtt), "-q", "1"]
-    credentials = ["-u", device.device_id, "-P", device.token]
+    credentials = ["-i", device.device_id, "-u", device.device_id, "-P", device.token]
     subprocess.run(
         [*command, *credentials, "-t", f"devices/{device.device_id}/{kind}", "-m", message],
         check=True,

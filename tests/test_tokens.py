@@ -10,7 +10,7 @@ PUMP = Identity("pump-7", True)
 
 def active() -> TokenCache:
     cache = TokenCache()
-    cache.set_active(True)
+    cache.activate([])
     return cache
 
 
@@ -36,15 +36,15 @@ def test_unused_while_evictions_cannot_arrive() -> None:
     cache = TokenCache()
     cache.put("h1", PUMP, cache.generation)
     assert cache.get("h1") is None
-    cache.set_active(True)
+    cache.activate([])
     cache.put("h1", PUMP, cache.generation)
-    cache.set_active(False)  # the LISTEN connection dropped: forget everything
+    cache.deactivate()  # the LISTEN connection dropped: forget everything
     assert len(cache) == 0 and cache.get("h1") is None
 
 
 def test_entries_expire_and_the_size_is_bounded() -> None:
     cache = TokenCache(ttl_s=-1.0, max_entries=2)
-    cache.set_active(True)
+    cache.activate([])
     cache.put("h1", PUMP, cache.generation)
     assert cache.get("h1") is None  # expired
     for n in range(5):

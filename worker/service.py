@@ -9,6 +9,7 @@ import json
 import logging
 import random
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,7 +24,15 @@ from gateway.broker import Acks, Publisher, PublishFailed, connect
 from gateway.db import is_transient, make_engine, short_error
 from gateway.errors import InputError, Reason
 from gateway.health import HealthServer, broker_ready, check_storage
-from gateway.messages import Heartbeat, Rejection, Source, StatusReport, decode_work, utcnow
+from gateway.messages import (
+    Heartbeat,
+    Rejection,
+    Source,
+    StatusReport,
+    decode_work,
+    encode_work,
+    utcnow,
+)
 from gateway.payload import describe_validation_error
 from gateway.service import sleep_or_stop
 from gateway.settings import WorkerSettings
@@ -34,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: Writes of one message the database refuses before it becomes a dead letter.
 MAX_ATTEMPTS = 3
+#: Ids of the dead letters of messages from disabled devices, derived from the messages' ids.
+DISABLED_NAMESPACE = uuid.UUID("0d3a2f6e-8c47-4f0b-9b1e-5a4c7e2d9f31")
 
 
 @dataclass
@@ -139,6 +150,7 @@ class Worker:
                 result.add(one)
         if result is None:
             return None
+        invalid.extend(_refused_as_disabled(m) for m in result.disabled)
         for rejection in invalid:
             if not await self._dead_letter(rejection):
                 return None
@@ -377,6 +389,23 @@ class Worker:
             await health.close()
             self.engine.dispose()
             self.redis.close()
+
+
+def _refused_as_disabled(message: Heartbeat | StatusReport) -> Rejection:
+    """A dead letter for a message its device sent before it was disabled. Its id follows from
+    the message's, so a redelivered batch dead-letters it once."""
+    error = InputError(
+        Reason.DEVICE_DISABLED,
+        f"device {message.device_id!r} was disabled before this {message.kind} was stored",
+    )
+    rejection = Rejection.of(
+        error,
+        encode_work(message),
+        Source.WORK_QUEUE,
+        device_id=message.device_id,
+        received_at=message.received_at,
+    )
+    return rejection.model_copy(update={"id": uuid.uuid5(DISABLED_NAMESPACE, str(message.id))})
 
 
 def _claimed_device(message: Message) -> str | None:
