@@ -424,7 +424,7 @@ class LocalStack:
         tls = self.tls_files()
         ca = None if tls.ca is None else str(tls.ca)
         plain_mqtt = (
-            {"mqtt.listeners.tcp": "none"}
+            config_lines((RABBITMQ_DIR / "tls-only.conf").read_text())
             if self.tls_only
             else {"mqtt.listeners.tcp.default": f"127.0.0.1:{p.mqtt}"}
         )
@@ -764,6 +764,16 @@ class LocalStack:
                 return self.app_ready(name)
 
             _wait(name, ready, timeout, component.log_file)
+
+
+def config_lines(config: str) -> dict[str, str]:
+    """The `key = value` lines of a rabbitmq.conf."""
+    lines = {}
+    for line in config.splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            lines[key.strip()] = value.strip()
+    return lines
 
 
 def apply_overrides(config: str, overrides: Mapping[str, str | None]) -> str:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import secrets
 import sys
+from pathlib import Path
 from typing import Literal, TypeVar
 
 from pydantic import (
     AmqpDsn,
     Field,
-    FilePath,
     PostgresDsn,
     RedisDsn,
     ValidationError,
@@ -101,8 +101,8 @@ class ApiSettings(CommonSettings):
     #: the certificate (PEM; the chain after it, if any) and its unencrypted key.
     api_tls_port: int = Field(default=0, ge=0, le=65535)
     api_tls_host: str | None = None
-    tls_cert_file: FilePath | None = None
-    tls_key_file: FilePath | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     #: Seconds to wait for the broker to confirm an HTTP heartbeat before answering 503.
     api_confirm_timeout_s: float = Field(default=5.0, gt=0)
     #: Concurrent HTTP heartbeats published together in one work message (each still answered
