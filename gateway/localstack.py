@@ -746,13 +746,11 @@ class LocalStack:
     # ---- waiting --------------------------------------------------------------------------
 
     def wait_infrastructure(self, timeout: float = 90) -> None:
-        _wait(
-            "RabbitMQ",
-            self.rabbitmq_ready,
-            timeout,
-            self.log_dir / f"{self.node_name}.log",
-        )
+        self.wait_rabbitmq(timeout)
         _wait("Redis", self.redis_ready, timeout, self.component("redis").log_file)
+
+    def wait_rabbitmq(self, timeout: float = 90) -> None:
+        _wait("RabbitMQ", self.rabbitmq_ready, timeout, self.log_dir / f"{self.node_name}.log")
 
     def wait_apps(self, names: tuple[str, ...] = ("worker", "bridge", "api"), timeout=60) -> None:
         for name in names:
