@@ -52,6 +52,7 @@ SYSTEM_PACKAGES = {
 TEST_PACKAGES = {
     "mosquitto-clients": "mosquitto_pub",
     "docker-compose": "docker-compose",
+    "curl": "curl",
 }
 
 #: The local stack's database; its role and the broker's service account share the
@@ -152,6 +153,10 @@ class LocalStack:
         return self.run_dir / "logs"
 
     @property
+    def tls_dir(self) -> Path:
+        return self.run_dir / "tls"
+
+    @property
     def node_name(self) -> str:
         """The RabbitMQ node's name, unique per port set (Erlang's epmd refuses a name twice)."""
         suffix = "" if self.ports in (DEV_PORTS, TEST_PORTS, BENCH_PORTS) else f"-{self.ports.dist}"
@@ -245,7 +250,7 @@ class LocalStack:
         cert = os.environ.get("GATEWAY_TLS_CERT_FILE")
         key = os.environ.get("GATEWAY_TLS_KEY_FILE")
         if not (cert or key):
-            return TlsFiles.under(self.run_dir / "tls")
+            return TlsFiles.under(self.tls_dir)
         if not (cert and key):
             raise StackError("set both GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE, or neither")
         ca = os.environ.get("GATEWAY_TLS_CA_FILE")
@@ -255,12 +260,12 @@ class LocalStack:
         """The stack's own CA and server certificate, made once and reused (renewed when near
         expiry); the user's own files are only checked to be there."""
         files = self.tls_files()
-        if files != TlsFiles.under(self.run_dir / "tls"):
-            missing = [str(p) for p in (files.ca, files.cert, files.key) if p and not p.is_file()]
-            if missing:
-                raise StackError(f"TLS file(s) not found: {', '.join(missing)}")
-            return files
-        return certificates.ensure(self.run_dir / "tls")
+        if files == TlsFiles.under(self.tls_dir):
+            return certificates.ensure(self.tls_dir)
+        missing = [str(p) for p in (files.ca, files.cert, files.key) if p and not p.is_file()]
+        if missing:
+            raise StackError(f"TLS file(s) not found: {', '.join(missing)}")
+        return files
 
     @property
     def management_url(self) -> str:
@@ -422,7 +427,13 @@ class LocalStack:
         shared = (RABBITMQ_DIR / "rabbitmq.conf").read_text()
         p = self.ports
         tls = self.tls_files()
-        ca = None if tls.ca is None else str(tls.ca)
+        # The same files for MQTT over TLS (ssl_options) and over WebSocket (web_mqtt.ssl);
+        # without a CA file (a public CA's certificate) the line is left out.
+        tls_options = {
+            "cacertfile": None if tls.ca is None else str(tls.ca),
+            "certfile": str(tls.cert),
+            "keyfile": str(tls.key),
+        }
         plain_mqtt = (
             config_lines((RABBITMQ_DIR / "tls-only.conf").read_text())
             if self.tls_only
@@ -433,15 +444,8 @@ class LocalStack:
             "listeners.tcp.default": f"127.0.0.1:{p.amqp}",
             **plain_mqtt,
             "mqtt.listeners.ssl.default": f"127.0.0.1:{p.mqtt_tls}",
-            **{
-                f"{prefix}.{name}": path
-                for prefix in ("ssl_options", "web_mqtt.ssl")
-                for name, path in {
-                    "cacertfile": ca,
-                    "certfile": str(tls.cert),
-                    "keyfile": str(tls.key),
-                }.items()
-            },
+            **{f"ssl_options.{name}": path for name, path in tls_options.items()},
+            **{f"web_mqtt.ssl.{name}": path for name, path in tls_options.items()},
             "web_mqtt.ssl.ip": "127.0.0.1",
             "web_mqtt.ssl.port": str(p.web_mqtt_tls),
             "management.tcp.ip": "127.0.0.1",
