@@ -41,6 +41,6 @@ WORKDIR /app
 # Numeric, so Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 
-# api, bridge health, worker health
-EXPOSE 8000 8010 8011
+# api (HTTP, HTTPS), bridge health, worker health
+EXPOSE 8000 8443 8010 8011
 CMD ["gateway-api"]

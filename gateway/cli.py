@@ -74,6 +74,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     definitions.add_argument("--out", help="write to this file instead of standard output")
 
+    tls = commands.add_parser("tls", help="certificates for the TLS listeners")
+    tls_commands = tls.add_subparsers(dest="action", required=True)
+    init = tls_commands.add_parser(
+        "init",
+        help="write a CA and a server certificate into a folder, once (renewed when near expiry "
+        "or short of a host name; a folder without ca-key.pem holds your own and is left alone)",
+    )
+    init.add_argument("--out", type=Path, required=True, help="the folder to write into")
+    init.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="DNS names or IP addresses clients connect to (repeatable, or comma-separated); "
+        "localhost, 127.0.0.1 and ::1 are always covered",
+    )
+    init.add_argument(
+        "--owner",
+        type=_owner,
+        help="UID:GID to own ca.pem, server.pem and server-key.pem; the key is then readable by "
+        "the group too (needs root)",
+    )
+
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -152,6 +174,17 @@ def _run(args: argparse.Namespace) -> int:
             + ("; another maintenance run holds the lock, nothing done" if done.skipped else "")
         )
         return 0
+    if args.command == "tls":
+        from gateway import certificates
+
+        hosts = [name for value in args.host for name in value.split(",")]
+        files = certificates.ensure(args.out, hosts, owner=args.owner)
+        if files.ca and files.ca.exists():
+            print(f"CA (what clients trust): {files.ca}")
+        print(f"server certificate:      {files.cert}")
+        print(f"server key:              {files.key}")
+        print(f"valid for: {', '.join(sorted(certificates.covered_names(files.cert)))}")
+        return 0
     if args.command == "definitions":
         from gateway.topology import render_definitions
 
@@ -169,6 +202,13 @@ def _run(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
         return 0
     return 2
+
+
+def _owner(value: str) -> tuple[int, int]:
+    uid, sep, gid = value.partition(":")
+    if not (sep and uid.isdigit() and gid.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected UID:GID (numbers), got {value!r}")
+    return int(uid), int(gid)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,11 @@ PostgreSQL cluster and a Redis server on ports that never collide with system se
 the migrations, then starts bridge, worker and api. Every process's pid and log live under
 `.run/<stack>/`. Two stacks exist: `dev` (`make run`, `make up`) and `test` (`make test`), on
 different ports, so tests never touch the stack a developer is using.
+
+Devices reach the stack over TLS too (MQTT, MQTT over WebSocket, HTTPS), with a CA and a server
+certificate made once under `.run/<stack>/tls/` (or the user's own, `GATEWAY_TLS_CERT_FILE` and
+`GATEWAY_TLS_KEY_FILE`). With `GATEWAY_ENVIRONMENT=production` device traffic is TLS only: no
+plain MQTT listener and no plain public api listener.
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway import accounts, topology
+from gateway import accounts, certificates, topology
+from gateway.certificates import TlsFiles
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RABBITMQ_DIR = PROJECT_ROOT / "rabbitmq"
@@ -46,6 +52,7 @@ SYSTEM_PACKAGES = {
 TEST_PACKAGES = {
     "mosquitto-clients": "mosquitto_pub",
     "docker-compose": "docker-compose",
+    "curl": "curl",
 }
 
 #: The local stack's database and its owner role (password: the stack's `postgres` secret).
@@ -71,11 +78,22 @@ class Ports:
     api_internal: int
     bridge_health: int
     worker_health: int
+    #: MQTT over TLS, MQTT over WebSocket with TLS (path /ws), the api over HTTPS.
+    mqtt_tls: int
+    web_mqtt_tls: int
+    api_tls: int
 
 
-DEV_PORTS = Ports(5673, 1884, 15673, 15693, 25673, 5433, 6380, 8000, 8001, 8010, 8011)
-TEST_PORTS = Ports(5773, 1984, 15773, 15793, 25773, 5533, 6480, 8100, 8101, 8110, 8111)
-BENCH_PORTS = Ports(5873, 2084, 15873, 15893, 25873, 5633, 6580, 8200, 8201, 8210, 8211)
+# fmt: off
+DEV_PORTS = Ports(5673, 1884, 15673, 15693, 25673, 5433, 6380, 8000, 8001, 8010, 8011,
+                  8884, 15676, 8443)
+TEST_PORTS = Ports(5773, 1984, 15773, 15793, 25773, 5533, 6480, 8100, 8101, 8110, 8111,
+                   8984, 15776, 8543)
+BENCH_PORTS = Ports(5873, 2084, 15873, 15893, 25873, 5633, 6580, 8200, 8201, 8210, 8211,
+                    9084, 15876, 8643)
+# fmt: on
+#: The path of MQTT over WebSocket (RabbitMQ's default).
+WEB_MQTT_PATH = "/ws"
 
 
 @dataclass
@@ -135,6 +153,10 @@ class LocalStack:
         return self.run_dir / "logs"
 
     @property
+    def tls_dir(self) -> Path:
+        return self.run_dir / "tls"
+
+    @property
     def node_name(self) -> str:
         """The RabbitMQ node's name, unique per port set (Erlang's epmd refuses a name twice)."""
         suffix = "" if self.ports in (DEV_PORTS, TEST_PORTS, BENCH_PORTS) else f"-{self.ports.dist}"
@@ -161,10 +183,11 @@ class LocalStack:
         return Component(name, pid_file, log_file, signatures[kind])
 
     def health_port(self, name: str) -> int:
-        """Where app `name` answers /readyz; extra instances take the base port + 20 x (n - 1)."""
+        """Where app `name` answers /readyz; extra instances take the base port + 20 x (n - 1).
+        The api answers on its internal listener when it has no plain public one."""
         kind, _, instance = name.partition("-")
         base = {
-            "api": self.ports.api,
+            "api": self.ports.api_internal if self.tls_only else self.ports.api,
             "bridge": self.ports.bridge_health,
             "worker": self.ports.worker_health,
         }[kind]
@@ -214,6 +237,57 @@ class LocalStack:
         return f"http://127.0.0.1:{self.ports.api}"
 
     @property
+    def api_https_url(self) -> str:
+        return f"https://127.0.0.1:{self.ports.api_tls}"
+
+    def device_ports(self, service: str) -> tuple[int, ...]:
+        """The ports devices reach `service` (`mqtt` or `api`) on in this stack."""
+        p = self.ports
+        if service == "mqtt":
+            return (
+                (p.mqtt_tls, p.web_mqtt_tls)
+                if self.tls_only
+                else (p.mqtt, p.mqtt_tls, p.web_mqtt_tls)
+            )
+        return (p.api_tls,) if self.tls_only else (p.api, p.api_tls)
+
+    @property
+    def environment(self) -> str:
+        return self.app_env.get(
+            "GATEWAY_ENVIRONMENT", os.environ.get("GATEWAY_ENVIRONMENT", "development")
+        )
+
+    @property
+    def tls_only(self) -> bool:
+        """Device traffic on TLS only (production): no plain MQTT listener, no plain public api
+        listener. RabbitMQ still calls the api's internal listener, on loopback."""
+        return self.environment == "production"
+
+    def tls_files(self) -> TlsFiles:
+        """Where the TLS listeners' files are: the user's own when `GATEWAY_TLS_CERT_FILE` and
+        `GATEWAY_TLS_KEY_FILE` are set (and `GATEWAY_TLS_CA_FILE`, what clients trust, if
+        any), else under `.run/<stack>/tls/` (see `make_tls_files`)."""
+        cert = os.environ.get("GATEWAY_TLS_CERT_FILE")
+        key = os.environ.get("GATEWAY_TLS_KEY_FILE")
+        if not (cert or key):
+            return TlsFiles.under(self.tls_dir)
+        if not (cert and key):
+            raise StackError("set both GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE, or neither")
+        ca = os.environ.get("GATEWAY_TLS_CA_FILE")
+        return TlsFiles(Path(ca) if ca else None, Path(cert), Path(key))
+
+    def make_tls_files(self) -> TlsFiles:
+        """The stack's own CA and server certificate, made once and reused (renewed when near
+        expiry); the user's own files are only checked to be there."""
+        files = self.tls_files()
+        if files == TlsFiles.under(self.tls_dir):
+            return certificates.ensure(self.tls_dir)
+        missing = [str(p) for p in (files.ca, files.cert, files.key) if p and not p.is_file()]
+        if missing:
+            raise StackError(f"TLS file(s) not found: {', '.join(missing)}")
+        return files
+
+    @property
     def management_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.management}"
 
@@ -232,6 +306,7 @@ class LocalStack:
     def env(self, app: str, *, health_port: int | None = None) -> dict[str, str]:
         """The environment of app `app` (bridge, worker, api): the user's GATEWAY_* settings,
         then this stack's connections, with the app's own broker account."""
+        tls = self.tls_files()
         env = dict(os.environ)
         env.update(
             GATEWAY_ENVIRONMENT=os.environ.get("GATEWAY_ENVIRONMENT", "development"),
@@ -239,9 +314,12 @@ class LocalStack:
             GATEWAY_DATABASE_URL=self.database_url,
             GATEWAY_REDIS_URL=self.redis_url,
             GATEWAY_API_HOST="127.0.0.1",
-            GATEWAY_API_PORT=str(self.ports.api),
+            GATEWAY_API_PORT="0" if self.tls_only else str(self.ports.api),
             GATEWAY_API_INTERNAL_HOST="127.0.0.1",
             GATEWAY_API_INTERNAL_PORT=str(self.ports.api_internal),
+            GATEWAY_API_TLS_PORT=str(self.ports.api_tls),
+            GATEWAY_TLS_CERT_FILE=str(tls.cert),
+            GATEWAY_TLS_KEY_FILE=str(tls.key),
             GATEWAY_BRIDGE_HEALTH_PORT=str(self.ports.bridge_health),
             GATEWAY_WORKER_HEALTH_PORT=str(self.ports.worker_health),
             GATEWAY_OPERATOR_TOKEN=self.operator_token(),
@@ -259,6 +337,7 @@ class LocalStack:
         """Start whatever is not running yet (idempotent) and wait until it is ready."""
         require_system_packages(SYSTEM_PACKAGES)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.make_tls_files()
         self.start_rabbitmq()
         self.start_postgres()
         self.start_redis()
@@ -315,9 +394,16 @@ class LocalStack:
 
     def print_summary(self, *, apps: bool) -> None:
         p = self.ports
-        lines = [
-            f"stack {self.name} is up (pids and logs in {self.run_dir})",
-            f"  MQTT        127.0.0.1:{p.mqtt}   (mosquitto_pub -h 127.0.0.1 -p {p.mqtt} ...)",
+        tls = self.tls_files()
+        trust = f"--cafile {tls.ca} " if tls.ca else ""
+        lines = [f"stack {self.name} is up (pids and logs in {self.run_dir})"]
+        if not self.tls_only:
+            lines.append(
+                f"  MQTT        127.0.0.1:{p.mqtt}   (mosquitto_pub -h 127.0.0.1 -p {p.mqtt} ...)"
+            )
+        lines += [
+            f"  MQTT, TLS   127.0.0.1:{p.mqtt_tls}   (mosquitto_pub {trust}-p {p.mqtt_tls} ...)",
+            f"  MQTT, WSS   wss://127.0.0.1:{p.web_mqtt_tls}{WEB_MQTT_PATH}",
             f"  AMQP        127.0.0.1:{p.amqp}",
             f"  management  {self.management_url}   (user {accounts.ADMIN})",
             f"  PostgreSQL  127.0.0.1:{p.postgres}, database {DATABASE}, user {DATABASE_USER}",
@@ -325,12 +411,16 @@ class LocalStack:
             f"  passwords   {self.run_dir / 'secrets'}/ (generated; never leave this machine)",
         ]
         if apps:
+            if not self.tls_only:
+                lines.append(f"  API         {self.api_url}   (docs: {self.api_url}/docs)")
             lines += [
-                f"  API         {self.api_url}   (docs: {self.api_url}/docs)",
+                f"  API, HTTPS  {self.api_https_url}   (docs: {self.api_https_url}/docs)",
                 f"  bridge      http://127.0.0.1:{p.bridge_health}/readyz",
                 f"  worker      http://127.0.0.1:{p.worker_health}/readyz",
                 f"  operator token: {self.operator_token()}",
             ]
+        if tls.ca:
+            lines.append(f"  TLS clients trust {tls.ca}")
         lines.append(f"  logs        {self.log_dir}/ and {self.component('postgres').log_file}")
         print("\n".join(lines), flush=True)
 
@@ -352,13 +442,33 @@ class LocalStack:
         }
 
     def rabbitmq_config(self) -> str:
-        """`rabbitmq/rabbitmq.conf` as docker compose mounts it, plus this stack's ports."""
+        """`rabbitmq/rabbitmq.conf` as docker compose mounts it, plus this stack's ports and
+        certificate files; no plain MQTT listener in production (as `rabbitmq/tls-only.conf`
+        does for compose)."""
         shared = (RABBITMQ_DIR / "rabbitmq.conf").read_text()
         p = self.ports
+        tls = self.tls_files()
+        # The same files for MQTT over TLS (ssl_options) and over WebSocket (web_mqtt.ssl);
+        # without a CA file (a public CA's certificate) the line is left out.
+        tls_options = {
+            "cacertfile": None if tls.ca is None else str(tls.ca),
+            "certfile": str(tls.cert),
+            "keyfile": str(tls.key),
+        }
+        plain_mqtt = (
+            config_lines((RABBITMQ_DIR / "tls-only.conf").read_text())
+            if self.tls_only
+            else {"mqtt.listeners.tcp.default": f"127.0.0.1:{p.mqtt}"}
+        )
         overrides = {
             "load_definitions": str(self.definitions_file),
             "listeners.tcp.default": f"127.0.0.1:{p.amqp}",
-            "mqtt.listeners.tcp.default": f"127.0.0.1:{p.mqtt}",
+            **plain_mqtt,
+            "mqtt.listeners.ssl.default": f"127.0.0.1:{p.mqtt_tls}",
+            **{f"ssl_options.{name}": path for name, path in tls_options.items()},
+            **{f"web_mqtt.ssl.{name}": path for name, path in tls_options.items()},
+            "web_mqtt.ssl.ip": "127.0.0.1",
+            "web_mqtt.ssl.port": str(p.web_mqtt_tls),
             "management.tcp.ip": "127.0.0.1",
             "management.tcp.port": str(p.management),
             "prometheus.tcp.ip": "127.0.0.1",
@@ -389,9 +499,11 @@ class LocalStack:
         base = self.run_dir / "rabbitmq"
         for sub in ("home", "mnesia"):
             (base / sub).mkdir(parents=True, exist_ok=True)
+        self.make_tls_files()
         (base / "rabbitmq.conf").write_text(self.rabbitmq_config())
         self.write_definitions()
-        _require_free(self.ports.amqp, self.ports.mqtt, self.ports.management, self.ports.dist)
+        p = self.ports
+        _require_free(p.amqp, p.mqtt, p.mqtt_tls, p.web_mqtt_tls, p.management, p.dist)
         subprocess.run(
             [str(RABBITMQ_SERVER), "-detached"],
             env=self.rabbitmq_env(),
@@ -401,8 +513,9 @@ class LocalStack:
         )
 
     def rabbitmq_ready(self) -> bool:
-        """The node is up and has loaded the topology (queues exist before devices connect)."""
-        if not port_open(self.ports.mqtt) or not port_open(self.ports.amqp):
+        """The node is up, its device listeners accept connections, and it has loaded the
+        topology (queues exist before devices connect)."""
+        if not all(port_open(port) for port in (self.ports.amqp, *self.device_ports("mqtt"))):
             return False
         try:
             self.management("GET", "/api/queues/%2F/gateway.mqtt.inbox")
@@ -677,14 +790,12 @@ class LocalStack:
     # ---- waiting --------------------------------------------------------------------------
 
     def wait_infrastructure(self, timeout: float = 90) -> None:
-        _wait(
-            "RabbitMQ",
-            self.rabbitmq_ready,
-            timeout,
-            self.log_dir / f"{self.node_name}.log",
-        )
+        self.wait_rabbitmq(timeout)
         self.revoke_stale_permissions()
         _wait("Redis", self.redis_ready, timeout, self.component("redis").log_file)
+
+    def wait_rabbitmq(self, timeout: float = 90) -> None:
+        _wait("RabbitMQ", self.rabbitmq_ready, timeout, self.log_dir / f"{self.node_name}.log")
 
     def revoke_stale_permissions(self) -> None:
         """Loading definitions adds and updates, never removes: an account that must have no
@@ -715,20 +826,34 @@ def _write_private(path: Path, text: str) -> None:
         out.write(text)
 
 
-def apply_overrides(config: str, overrides: dict[str, str]) -> str:
-    """Replace `key = value` lines of a rabbitmq.conf (appending keys it lacks)."""
+def config_lines(config: str) -> dict[str, str]:
+    """The `key = value` lines of a rabbitmq.conf."""
+    lines = {}
+    for line in config.splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            lines[key.strip()] = value.strip()
+    return lines
+
+
+def apply_overrides(config: str, overrides: Mapping[str, str | None]) -> str:
+    """Replace `key = value` lines of a rabbitmq.conf (appending keys it lacks); a key whose
+    value is None is left out."""
     lines = []
     pending = dict(overrides)
     for line in config.splitlines():
         key = line.split("=", 1)[0].strip()
         if not line.lstrip().startswith("#") and "=" in line and key in pending:
-            lines.append(f"{key} = {pending.pop(key)}")
+            value = pending.pop(key)
+            if value is not None:
+                lines.append(f"{key} = {value}")
         else:
             lines.append(line)
-    if pending:
+    added = {key: value for key, value in pending.items() if value is not None}
+    if added:
         lines.append("")
         lines.append("## Local stack (gateway/localstack.py)")
-        lines.extend(f"{key} = {value}" for key, value in pending.items())
+        lines.extend(f"{key} = {value}" for key, value in added.items())
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import sys
+from pathlib import Path
 from typing import Literal, TypeVar
 
 from pydantic import (
@@ -173,11 +174,18 @@ class WorkerSettings(CommonSettings):
 
 class ApiSettings(CommonSettings):
     api_host: str = "127.0.0.1"
-    api_port: int = Field(default=8000, ge=1, le=65535)
+    #: The plain HTTP listener for devices and operators (0 = off: HTTPS only).
+    api_port: int = Field(default=8000, ge=0, le=65535)
     api_workers: int = Field(default=1, ge=1)
     #: The listener RabbitMQ calls to admit devices (auth_backend_http); never expose it.
     api_internal_host: str = "127.0.0.1"
     api_internal_port: int = Field(default=8001, ge=1, le=65535)
+    #: The HTTPS listener (0 = off), on GATEWAY_API_TLS_HOST (default: GATEWAY_API_HOST), with
+    #: the certificate (PEM; the chain after it, if any) and its unencrypted key.
+    api_tls_port: int = Field(default=0, ge=0, le=65535)
+    api_tls_host: str | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     #: Seconds to wait for the broker to confirm an HTTP heartbeat before answering 503.
     api_confirm_timeout_s: float = Field(default=5.0, gt=0)
     #: Concurrent HTTP heartbeats published together in one work message (each still answered
@@ -193,8 +201,27 @@ class ApiSettings(CommonSettings):
 
     @model_validator(mode="after")
     def _listeners_differ(self) -> ApiSettings:
-        if self.api_port == self.api_internal_port:
-            raise ValueError("GATEWAY_API_PORT and GATEWAY_API_INTERNAL_PORT must differ")
+        ports = {
+            "GATEWAY_API_PORT": self.api_port,
+            "GATEWAY_API_INTERNAL_PORT": self.api_internal_port,
+            "GATEWAY_API_TLS_PORT": self.api_tls_port,
+        }
+        opened = [port for port in ports.values() if port]
+        if len(set(opened)) < len(opened):
+            raise ValueError(f"{', '.join(ports)} must differ (0 turns a listener off)")
+        if not (self.api_port or self.api_tls_port):
+            raise ValueError("GATEWAY_API_PORT and GATEWAY_API_TLS_PORT are both 0: no listener")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_has_its_files(self) -> ApiSettings:
+        if self.api_tls_port and not (self.tls_cert_file and self.tls_key_file):
+            raise ValueError(
+                "GATEWAY_API_TLS_PORT needs GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE "
+                "(gateway tls init --out DIR writes a CA and both)"
+            )
+        if self.api_tls_host is None:
+            self.api_tls_host = self.api_host
         return self
 
     @model_validator(mode="after")

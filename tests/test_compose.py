@@ -1,9 +1,11 @@
-"""docker-compose.yaml, Dockerfile and .dockerignore, checked without a Docker engine.
+"""docker-compose.yaml, docker-compose.production.yaml, Dockerfile and .dockerignore, checked
+without a Docker engine.
 
 The file must parse, pass docker-compose's own validation, start only console scripts the project
 declares, set only GATEWAY_* variables the settings classes read (with values they accept), run the
-broker from the same `rabbitmq/` files as the local stack, and give every long-running service a
-healthcheck that the services depending on it wait for.
+broker from the same `rabbitmq/` files as the local stack, give every long-running service a
+healthcheck that the services depending on it wait for, and serve devices over TLS (only over TLS
+with the production override).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from gateway.localstack import LocalStack
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yaml"
+PRODUCTION_FILE = ROOT / "docker-compose.production.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -46,9 +49,12 @@ SETTINGS_OF_SCRIPT: dict[str, type[settings.CommonSettings]] = {
 
 INFRASTRUCTURE = ("rabbitmq", "postgres", "redis")
 APP_SERVICES = ("bridge", "worker", "api")
-ONE_SHOT = ("migrate",)
+ONE_SHOT = ("migrate", "tls-init")
+#: Services that reach PostgreSQL.
+USES_DATABASE = ("migrate", *APP_SERVICES)
 #: service -> {dependency: condition}; compose must say exactly this.
 EXPECTED_DEPENDENCIES = {
+    "rabbitmq": {"tls-init": "service_completed_successfully"},
     "migrate": {"postgres": "service_healthy"},
     "bridge": {"rabbitmq": "service_healthy"},
     "worker": {
@@ -62,13 +68,14 @@ EXPECTED_DEPENDENCIES = {
         "postgres": "service_healthy",
         "redis": "service_healthy",
         "migrate": "service_completed_successfully",
+        "tls-init": "service_completed_successfully",
     },
 }
 #: The env var that holds the port each app service's /readyz answers on.
 READYZ_PORT_VARIABLE = {
     "bridge": "GATEWAY_BRIDGE_HEALTH_PORT",
     "worker": "GATEWAY_WORKER_HEALTH_PORT",
-    "api": "GATEWAY_API_PORT",
+    "api": "GATEWAY_API_INTERNAL_PORT",  # the listener every profile has
 }
 
 #: repo file -> where the rabbitmq container must see it (read-only).
@@ -92,8 +99,23 @@ LOCAL_STACK_OVERRIDES = frozenset(
         "auth_http.vhost_path",
         "auth_http.resource_path",
         "auth_http.topic_path",
+        "mqtt.listeners.ssl.default",
+        "ssl_options.cacertfile",
+        "ssl_options.certfile",
+        "ssl_options.keyfile",
+        "web_mqtt.ssl.cacertfile",
+        "web_mqtt.ssl.certfile",
+        "web_mqtt.ssl.keyfile",
+        "web_mqtt.ssl.ip",
+        "web_mqtt.ssl.port",
     }
 )
+#: Where the containers find the certificate files (the `tls` volume tls-init writes).
+TLS_FILES_IN = {
+    "rabbitmq": "/etc/rabbitmq/tls",
+    "api": "/tls",
+    "tls-init": "/tls",
+}
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -110,6 +132,43 @@ def compose() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return compose["services"]
+
+
+def docker_compose() -> str:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        reason = (
+            "docker-compose is not installed (Debian package `docker-compose`: "
+            "apt-get install -y docker-compose, or `gateway stack install --with-test-tools`)"
+        )
+        if IN_CI:
+            pytest.fail(reason + " (CI=true: a missing tool is a failure)")
+        pytest.skip(reason)
+    return binary
+
+
+def compose_config(*files: Path, quiet: bool = False) -> subprocess.CompletedProcess[str]:
+    """`docker-compose -f ... config`: the files merged and validated by compose itself."""
+    arguments = [item for path in files for item in ("-f", str(path))]
+    return subprocess.run(
+        [docker_compose(), *arguments, "config", *(["-q"] if quiet else [])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        # Compose's own defaults, not the caller's (TLS_HOSTS, GATEWAY_ENVIRONMENT, ...).
+        env={name: value for name, value in os.environ.items() if name in ("PATH", "HOME")},
+    )
+
+
+@pytest.fixture(scope="module")
+def production() -> dict[str, dict[str, Any]]:
+    """The services as `-f docker-compose.yaml -f docker-compose.production.yaml` runs them."""
+    result = compose_config(COMPOSE_FILE, PRODUCTION_FILE)
+    assert result.returncode == 0, f"docker-compose config rejects the override:\n{result.stderr}"
+    assert "WARNING" not in result.stderr, f"docker-compose config warns:\n{result.stderr}"
+    return yaml.safe_load(result.stdout)["services"]
 
 
 def accepted_variables() -> set[str]:
@@ -199,24 +258,11 @@ def test_compose_file_parses_and_has_the_expected_services(services: dict[str, A
     )
 
 
-def test_docker_compose_accepts_the_file() -> None:
-    binary = shutil.which("docker-compose")
-    if binary is None:
-        reason = (
-            "docker-compose is not installed (Debian package `docker-compose`: "
-            "apt-get install -y docker-compose, or `gateway stack install --with-test-tools`)"
-        )
-        if IN_CI:
-            pytest.fail(reason + " (CI=true: a missing tool is a failure)")
-        pytest.skip(reason)
-    result = subprocess.run(
-        [binary, "-f", str(COMPOSE_FILE), "config", "-q"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+@pytest.mark.parametrize(
+    "files", [(COMPOSE_FILE,), (COMPOSE_FILE, PRODUCTION_FILE)], ids=["base", "production"]
+)
+def test_docker_compose_accepts_the_file(files: tuple[Path, ...]) -> None:
+    result = compose_config(*files, quiet=True)
     assert result.returncode == 0, f"docker-compose config rejects the file:\n{result.stderr}"
     assert "WARNING" not in result.stderr, f"docker-compose config warns:\n{result.stderr}"
 
@@ -244,7 +290,7 @@ def test_service_runs_a_declared_console_script_from_the_project_image(
     )
 
 
-@pytest.mark.parametrize("name", list(EXPECTED_DEPENDENCIES) + list(INFRASTRUCTURE))
+@pytest.mark.parametrize("name", sorted({*EXPECTED_DEPENDENCIES, *INFRASTRUCTURE, *ONE_SHOT}))
 def test_gateway_variables_are_settings_fields(services: dict[str, Any], name: str) -> None:
     gateway_variables = {var for var in environment(services[name]) if var.startswith("GATEWAY_")}
     unknown = sorted(gateway_variables - accepted_variables())
@@ -276,9 +322,10 @@ def test_service_environment_builds_its_settings(
         built = settings_class()
     except ValidationError as exc:
         pytest.fail(f"service {name}'s environment does not build {settings_class.__name__}: {exc}")
-    assert "@postgres:5432/" in str(built.database_url), (
-        f"service {name} must reach PostgreSQL at postgres:5432, not {built.database_url}"
-    )
+    if name in USES_DATABASE:
+        assert "@postgres:5432/" in str(built.database_url), (
+            f"service {name} must reach PostgreSQL at postgres:5432, not {built.database_url}"
+        )
     if name in APP_SERVICES:
         assert "@rabbitmq:5672/" in str(built.amqp_url), f"service {name}: wrong GATEWAY_AMQP_URL"
         assert str(built.redis_url).startswith("redis://redis:6379/"), (
@@ -468,3 +515,116 @@ def test_rabbitmq_asks_the_api_internal_listener(services: dict[str, Any]) -> No
         assert line.endswith(f"http://api:{port}/internal/rabbitmq/{check}"), line
     published = {str(p).split(":")[-1] for p in services["api"].get("ports", [])}
     assert port not in published, "the internal listener must never be published"
+
+
+# ---- TLS ------------------------------------------------------------------------------------
+
+
+def volume_mounts(service: dict[str, Any], volume: str) -> dict[str, bool]:
+    """container path -> read-only, for each mount of named volume `volume`."""
+    mounts = {}
+    for entry in service.get("volumes", []):
+        if isinstance(entry, dict):
+            if entry.get("source") == volume:
+                mounts[entry["target"]] = bool(entry.get("read_only"))
+            continue
+        source, target, *options = str(entry).split(":")
+        if source == volume:
+            mounts[target] = "ro" in ",".join(options).split(",")
+    return mounts
+
+
+def test_devices_reach_broker_and_api_over_tls(
+    compose: dict[str, Any], services: dict[str, Any]
+) -> None:
+    assert {(8883, 8883), (15676, 15676)} <= published_ports(services["rabbitmq"]), (
+        "rabbitmq must publish MQTT over TLS on 8883 and MQTT over WebSocket with TLS on 15676"
+    )
+    assert (8443, 8443) in published_ports(services["api"]), "api must publish HTTPS on 8443"
+    assert "tls" in (compose.get("volumes") or {}), "the certificates live in a `tls` volume"
+    for name, path in TLS_FILES_IN.items():
+        mounts = volume_mounts(services[name], "tls")
+        assert path in mounts, f"service {name} must mount the `tls` volume at {path}"
+        assert mounts[path] == (name != "tls-init"), (
+            f"service {name} must mount `tls` {'read-only' if name != 'tls-init' else 'writable'}"
+        )
+    env = environment(services["api"])
+    assert env.get("GATEWAY_API_TLS_PORT") == "8443", (
+        "api must serve HTTPS on the port it publishes"
+    )
+    assert env.get("GATEWAY_TLS_CERT_FILE") == f"{TLS_FILES_IN['api']}/server.pem"
+    assert env.get("GATEWAY_TLS_KEY_FILE") == f"{TLS_FILES_IN['api']}/server-key.pem"
+    conf = {
+        key: line.split("=", 1)[1].strip()
+        for key, line in conf_lines((ROOT / "rabbitmq" / "rabbitmq.conf").read_text()).items()
+    }
+    assert conf["mqtt.listeners.ssl.default"] == "8883"
+    assert conf["web_mqtt.ssl.port"] == "15676"
+    assert conf["web_mqtt.tcp.listener"] == "none", "plain MQTT over WebSocket must stay closed"
+    for prefix in ("ssl_options", "web_mqtt.ssl"):
+        for key, file in (("cacertfile", "ca"), ("certfile", "server"), ("keyfile", "server-key")):
+            assert conf[f"{prefix}.{key}"] == f"{TLS_FILES_IN['rabbitmq']}/{file}.pem", (
+                f"rabbitmq.conf's {prefix}.{key} must name the file tls-init writes"
+            )
+    assert "rabbitmq_web_mqtt" in (ROOT / "rabbitmq" / "enabled_plugins").read_text()
+
+
+def test_tls_init_writes_the_files_the_services_read(
+    services: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run tls-init's own command (into a temporary folder): the files rabbitmq.conf and the
+    api's settings name are there, for the compose host names, readable by both readers."""
+    from gateway.certificates import covered_names
+    from gateway.cli import main as gateway
+
+    words = [interpolate(word) for word in command_words(services["tls-init"])]
+    assert words[:3] == ["gateway", "tls", "init"], f"tls-init runs {words}"
+    out = words[words.index("--out") + 1]
+    assert out == TLS_FILES_IN["tls-init"], f"tls-init writes into {out}"
+    arguments = [str(tmp_path) if word == out else word for word in words[1:]]
+    if os.geteuid() != 0:  # giving files away needs root, as the container has
+        owner = arguments.index("--owner")
+        del arguments[owner : owner + 2]
+    assert gateway(arguments) == 0
+    assert "server.pem" in capsys.readouterr().out
+    for name in ("ca.pem", "server.pem", "server-key.pem"):
+        assert (tmp_path / name).is_file(), f"tls-init did not write {name}"
+    assert {"rabbitmq", "api", "localhost", "127.0.0.1"} <= covered_names(tmp_path / "server.pem")
+    key = (tmp_path / "server-key.pem").stat()
+    if os.geteuid() == 0:
+        assert (key.st_uid, key.st_gid, key.st_mode & 0o777) == (10001, 999, 0o640), (
+            "the key must be the api's (uid 10001) and readable by rabbitmq's group (999) only"
+        )
+    assert (tmp_path / "ca-key.pem").stat().st_mode & 0o077 == 0, "the CA key must stay private"
+
+
+def test_production_override_serves_devices_on_tls_only(
+    production: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    rabbitmq = production["rabbitmq"]
+    mounts = {
+        target: source for source, target, *_ in (str(v).split(":") for v in rabbitmq["volumes"])
+    }
+    override = mounts.get("/etc/rabbitmq/conf.d/90-tls-only.conf")
+    assert override and Path(override).resolve() == ROOT / "rabbitmq" / "tls-only.conf", (
+        "the production override must add rabbitmq/tls-only.conf to rabbitmq's conf.d"
+    )
+    assert conf_lines((ROOT / "rabbitmq" / "tls-only.conf").read_text()) == {
+        "mqtt.listeners.tcp": "mqtt.listeners.tcp = none"
+    }
+    assert (443, 15676) in published_ports(rabbitmq), "MQTT over WSS must be on 443 too"
+    for name in APP_SERVICES:
+        env = environment(production[name])
+        assert env["GATEWAY_ENVIRONMENT"] == "production", f"{name} must run in production"
+    env = environment(production["api"])
+    for var in list(os.environ):
+        if var.startswith("GATEWAY_"):
+            monkeypatch.delenv(var)
+    monkeypatch.chdir(tmp_path)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("GATEWAY_OPERATOR_TOKEN", "a-safe-operator-token-of-some-length")
+    api = settings.ApiSettings()
+    assert (api.api_port, api.api_tls_port) == (0, 8443), (
+        "in production the api must serve HTTPS only (GATEWAY_API_PORT=0)"
+    )
