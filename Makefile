@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run up down status test lint format bench bench-history install clean
+.PHONY: run up down status test lint format bench bench-history install clean compose-env
 
 run: install  ## Start the stack in the foreground; Ctrl-C stops everything
 	$(BIN)/gateway stack run
@@ -31,6 +31,11 @@ bench: install  ## Benchmarks on a stack of their own (loopback only); results i
 bench-history: install  ## Operator reads at 1 million and 50 million heartbeats (about 12 minutes, 15 GB)
 	$(BIN)/gateway stack install
 	$(BIN)/python bench/history.py
+
+compose-env:  ## Write .env with random secrets for docker compose (never overwrites one)
+	@test ! -e .env || { echo ".env exists: keep it, or remove it to make new secrets"; exit 1; }
+	@umask 077 && $(PYTHON) -c 'import secrets; print("\n".join(f"GATEWAY_{name}={secrets.token_urlsafe(32)}" for name in ("OPERATOR_TOKEN", "POSTGRES_PASSWORD", "REDIS_PASSWORD", "BROKER_ADMIN_PASSWORD", "BROKER_BRIDGE_PASSWORD", "BROKER_WORKER_PASSWORD", "BROKER_API_PASSWORD")))' > .env
+	@echo "wrote .env (readable by you only); docker compose reads it"
 
 lint: install
 	$(BIN)/ruff check .

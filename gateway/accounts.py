@@ -60,7 +60,8 @@ class Account:
     @property
     def password_variable(self) -> str:
         """The environment variable that gives this account's password (compose)."""
-        return "GATEWAY_BROKER_" + self.name.removeprefix("gateway-").upper() + "_PASSWORD"
+        role = "admin" if self.name == ADMIN else self.name.removeprefix("gateway-")
+        return f"GATEWAY_BROKER_{role.upper()}_PASSWORD"
 
 
 ACCOUNTS = (

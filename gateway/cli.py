@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with the broker accounts, from GATEWAY_BROKER_<ACCOUNT>_PASSWORD (compose)",
     )
+    definitions.add_argument(
+        "--topology", help="the topology from this file (default: the one the code declares)"
+    )
     definitions.add_argument("--out", help="write to this file instead of standard output")
 
     tls = commands.add_parser("tls", help="certificates for the TLS listeners")
@@ -189,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
         from gateway.topology import render_definitions
 
         try:
-            text = render_definitions()
+            text = Path(args.topology).read_text() if args.topology else render_definitions()
             if args.accounts:
                 passwords = accounts.passwords_from_environment()
                 text = accounts.render(json.loads(text), passwords)

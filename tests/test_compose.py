@@ -10,6 +10,7 @@ with the production override).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -23,7 +24,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from gateway import settings
+from gateway import accounts, settings
 from gateway.localstack import LocalStack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,12 +50,15 @@ SETTINGS_OF_SCRIPT: dict[str, type[settings.CommonSettings]] = {
 
 INFRASTRUCTURE = ("rabbitmq", "postgres", "redis")
 APP_SERVICES = ("bridge", "worker", "api")
-ONE_SHOT = ("migrate", "tls-init")
+ONE_SHOT = ("migrate", "tls-init", "broker-definitions")
 #: Services that reach PostgreSQL.
 USES_DATABASE = ("migrate", *APP_SERVICES)
 #: service -> {dependency: condition}; compose must say exactly this.
 EXPECTED_DEPENDENCIES = {
-    "rabbitmq": {"tls-init": "service_completed_successfully"},
+    "rabbitmq": {
+        "tls-init": "service_completed_successfully",
+        "broker-definitions": "service_completed_successfully",
+    },
     "migrate": {"postgres": "service_healthy"},
     "bridge": {"rabbitmq": "service_healthy"},
     "worker": {
@@ -82,7 +86,17 @@ READYZ_PORT_VARIABLE = {
 RABBITMQ_MOUNTS = {
     "rabbitmq/rabbitmq.conf": "/etc/rabbitmq/rabbitmq.conf",
     "rabbitmq/enabled_plugins": "/etc/rabbitmq/enabled_plugins",
-    "rabbitmq/definitions.json": "/etc/rabbitmq/definitions.json",
+}
+#: Where broker-definitions writes what rabbitmq loads (the topology and the accounts), and
+#: where rabbitmq finds it.
+DEFINITIONS_OUT = "/definitions/definitions.json"
+DEFINITIONS_IN = "/etc/rabbitmq/definitions/definitions.json"
+#: The secrets compose requires (no defaults), with values for the checks of this file.
+COMPOSE_SECRETS = {
+    "GATEWAY_OPERATOR_TOKEN": "test-operator-token-8Hq2Lw9Zx",
+    "GATEWAY_POSTGRES_PASSWORD": "test-postgres-3Kd8Wq1Vz",
+    "GATEWAY_REDIS_PASSWORD": "test-redis-7Jx2Mb5Qr",
+    **{a.password_variable: f"test-{a.name}-9Tr4Yp6Nc" for a in accounts.ACCOUNTS},
 }
 #: rabbitmq.conf keys the local stack may set differently: its own ports, loopback, file paths,
 #: and where its api's internal listener is.
@@ -147,7 +161,9 @@ def docker_compose() -> str:
     return binary
 
 
-def compose_config(*files: Path, quiet: bool = False) -> subprocess.CompletedProcess[str]:
+def compose_config(
+    *files: Path, quiet: bool = False, secrets: bool = True
+) -> subprocess.CompletedProcess[str]:
     """`docker-compose -f ... config`: the files merged and validated by compose itself."""
     arguments = [item for path in files for item in ("-f", str(path))]
     return subprocess.run(
@@ -157,8 +173,12 @@ def compose_config(*files: Path, quiet: bool = False) -> subprocess.CompletedPro
         text=True,
         timeout=120,
         check=False,
-        # Compose's own defaults, not the caller's (TLS_HOSTS, GATEWAY_ENVIRONMENT, ...).
-        env={name: value for name, value in os.environ.items() if name in ("PATH", "HOME")},
+        # Compose's own defaults, not the caller's (TLS_HOSTS, GATEWAY_ENVIRONMENT, ...), and
+        # the secrets a user must give.
+        env={
+            **{name: value for name, value in os.environ.items() if name in ("PATH", "HOME")},
+            **(COMPOSE_SECRETS if secrets else {}),
+        },
     )
 
 
@@ -172,7 +192,9 @@ def production() -> dict[str, dict[str, Any]]:
 
 
 def accepted_variables() -> set[str]:
-    return {"GATEWAY_" + name.upper() for cls in SETTINGS_CLASSES for name in cls.model_fields}
+    """What the settings classes read, and the broker passwords `gateway definitions` reads."""
+    fields = {"GATEWAY_" + name.upper() for cls in SETTINGS_CLASSES for name in cls.model_fields}
+    return fields | {account.password_variable for account in accounts.ACCOUNTS}
 
 
 def declared_scripts() -> set[str]:
@@ -194,7 +216,9 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
 
 
 def interpolate(value: str) -> str:
-    """Compose's `${VAR:-default}` / `${VAR-default}` / `${VAR}`, resolved to the defaults only."""
+    """Compose's `${VAR:-default}` / `${VAR-default}` / `${VAR}` resolved to the defaults, and
+    its required `${VAR:?message}` to this file's secrets."""
+    value = re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: COMPOSE_SECRETS.get(m.group(1), ""), value)
     value = re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}", lambda m: m.group(2) or "", value)
     return value.replace("$$", "$")
 
@@ -328,9 +352,10 @@ def test_service_environment_builds_its_settings(
         )
     if name in APP_SERVICES:
         assert "@rabbitmq:5672/" in str(built.amqp_url), f"service {name}: wrong GATEWAY_AMQP_URL"
-        assert str(built.redis_url).startswith("redis://redis:6379/"), (
+        assert (built.redis_url.host, built.redis_url.port) == ("redis", 6379), (
             f"service {name}: wrong GATEWAY_REDIS_URL"
         )
+        assert built.redis_url.password == COMPOSE_SECRETS["GATEWAY_REDIS_PASSWORD"]
         assert built.log_format == "json", f"service {name} must log JSON lines in a container"
 
 
@@ -380,12 +405,13 @@ def test_local_stack_uses_the_same_rabbitmq_config() -> None:
             )
     extra = sorted(set(local) - set(shared) - LOCAL_STACK_OVERRIDES)
     assert not extra, f"the local stack adds settings compose lacks: {extra}"
-    assert shared.get("load_definitions") == (
-        "load_definitions = " + RABBITMQ_MOUNTS["rabbitmq/definitions.json"]
-    ), "rabbitmq.conf must load the definitions from where compose mounts them"
+    assert shared.get("load_definitions") == "load_definitions = " + DEFINITIONS_IN, (
+        "rabbitmq.conf must load the definitions from where compose mounts them"
+    )
+    stack = LocalStack.dev()
     local_definitions = Path(local["load_definitions"].split("=", 1)[1].strip())
-    assert local_definitions == ROOT / "rabbitmq" / "definitions.json", (
-        f"the local stack loads {local_definitions}, not the repo's rabbitmq/definitions.json"
+    assert local_definitions == stack.definitions_file, (
+        f"the local stack loads {local_definitions}, not the definitions it writes"
     )
 
 
@@ -437,6 +463,14 @@ def test_service_waits_for_its_dependencies(services: dict[str, Any], name: str)
     assert conditions == EXPECTED_DEPENDENCIES[name], (
         f"service {name} depends on {conditions}, expected {EXPECTED_DEPENDENCIES[name]}"
     )
+
+
+def test_amqp_and_management_are_published_on_loopback_only(services: dict[str, Any]) -> None:
+    for port in services["rabbitmq"]["ports"]:
+        host_ip, *_ = str(port).split(":") if str(port).count(":") == 2 else ("",)
+        container = int(str(port).split(":")[-1].split("/")[0])
+        if container in (5672, 15672, 15692):
+            assert host_ip == "127.0.0.1", f"rabbitmq publishes {port} to every interface"
 
 
 def test_mqtt_and_api_are_published(services: dict[str, Any]) -> None:
@@ -628,3 +662,63 @@ def test_production_override_serves_devices_on_tls_only(
     assert (api.api_port, api.api_tls_port) == (0, 8443), (
         "in production the api must serve HTTPS only (GATEWAY_API_PORT=0)"
     )
+
+
+# ---- secrets --------------------------------------------------------------------------------
+
+
+def test_compose_refuses_to_start_without_its_secrets() -> None:
+    result = compose_config(COMPOSE_FILE, quiet=True, secrets=False)
+    assert result.returncode != 0, "docker-compose accepts the file with no secrets set"
+    assert "make compose-env" in result.stderr, result.stderr
+
+
+def test_no_password_or_token_is_written_in_the_file() -> None:
+    """Every password in a connection URL, and every secret variable, is required from the
+    caller (`${VAR:?...}`): none has a default, none is a literal."""
+    text = COMPOSE_FILE.read_text()
+    for url in re.findall(r"\w+://[^\s\"']+", text):
+        userinfo = url.split("://", 1)[1].split("@", 1)
+        if len(userinfo) == 2 and ":" in userinfo[0]:
+            password = userinfo[0].split(":", 1)[1]
+            assert re.fullmatch(r"\$\{\w+:\?[^}]*\}", password), f"{url}: a literal password"
+    for name in COMPOSE_SECRETS:
+        for use in re.findall(rf"\$\{{{name}([^}}]*)\}}", text):
+            assert use.startswith(":?"), f"${{{name}{use}}} has a default"
+
+
+def test_broker_definitions_writes_what_rabbitmq_loads(
+    services: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run broker-definitions' own command with the secrets: the topology of the repo's file
+    and every account, with hashes of the given passwords (never the passwords)."""
+    from gateway.cli import main as gateway
+
+    service = services["broker-definitions"]
+    words = [interpolate(word) for word in command_words(service)]
+    assert words[:3] == ["gateway", "definitions", "--accounts"], f"it runs {words}"
+    topology = words[words.index("--topology") + 1]
+    assert bind_mounts(service)[topology] == ("./rabbitmq/definitions.json", True)
+    out = words[words.index("--out") + 1]
+    assert out == DEFINITIONS_OUT
+    assert volume_mounts(services["rabbitmq"], "broker-definitions") == {
+        str(Path(DEFINITIONS_IN).parent): True
+    }
+    assert volume_mounts(service, "broker-definitions") == {str(Path(out).parent): False}
+    for var, value in environment(service).items():
+        monkeypatch.setenv(var, interpolate(value))
+    arguments = [
+        str(ROOT / "rabbitmq" / "definitions.json") if word == topology else word
+        for word in words[1:]
+    ]
+    arguments[arguments.index(out)] = str(tmp_path / "definitions.json")
+    assert gateway(arguments) == 0
+    written = (tmp_path / "definitions.json").read_text()
+    loaded = json.loads(written)
+    shared = json.loads((ROOT / "rabbitmq" / "definitions.json").read_text())
+    assert all(loaded[key] == value for key, value in shared.items())
+    assert {user["name"] for user in loaded["users"]} == set(accounts.ACCOUNT_NAMES)
+    for value in COMPOSE_SECRETS.values():
+        assert value not in written
+    monkeypatch.setenv(accounts.ADMIN_ACCOUNT.password_variable, "gateway")
+    assert gateway(arguments) == 1, "a known password must be refused"
