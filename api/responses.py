@@ -24,7 +24,10 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         413: "Payload over 16 KiB",
         415: "Not JSON",
         422: "Invalid input; `detail` names the field",
-        503: "A dependency (broker or database) is unavailable; nothing was changed, retry",
+        503: (
+            "A dependency (broker or database) is unavailable, or a query ran longer than the "
+            "api allows; nothing was changed, retry after `Retry-After` seconds"
+        ),
     }
     return {code: {"model": Problem, "description": descriptions[code]} for code in codes}
 
