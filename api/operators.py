@@ -69,7 +69,7 @@ def list_devices(
     "/devices",
     status_code=status.HTTP_201_CREATED,
     summary="Register a device; answers its token, this once",
-    responses=errors(409),
+    responses=errors(400, 409),
 )
 def register_device(registration: registry.Registration, ctx: Ctx) -> registry.IssuedToken:
     with _registry_errors(), ctx.engine.begin() as conn:
@@ -96,7 +96,7 @@ def rotate_token(device_id: DevicePath, ctx: Ctx) -> registry.IssuedToken:
 @router.patch(
     "/devices/{device_id}",
     summary="Change a device's interval, or enable/disable it",
-    responses=errors(404),
+    responses=errors(400, 404),
 )
 def change_device(device_id: DevicePath, changes: registry.DeviceChanges, ctx: Ctx) -> DeviceView:
     with _registry_errors(), ctx.engine.begin() as conn:

@@ -16,7 +16,7 @@ class Problem(BaseModel):
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     descriptions = {
-        400: "Bad request (e.g. a cursor this API did not return)",
+        400: "Bad request: a cursor this API did not return, or a body that is not JSON",
         401: "Missing or invalid token",
         403: "The token may not do this",
         404: "No such device",
