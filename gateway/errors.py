@@ -19,6 +19,8 @@ class Reason(StrEnum):
     INVALID_STATUS = "invalid_status"
     INVALID_MESSAGE = "invalid_message"
     UNSTORABLE = "unstorable"
+    #: Not a message: one entry per device and hour, counting the dead letters over the cap.
+    OVER_CAP = "over_cap"
 
 
 class InputError(ValueError):
