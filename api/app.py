@@ -138,16 +138,17 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     @app.exception_handler(SQLAlchemyError)
     async def database_unavailable(request: Request, exc: SQLAlchemyError) -> JSONResponse:
         if is_cancelled(exc):
+            limit_ms = settings.api_statement_timeout_ms
             log.warning(
-                "statement on %s cut short after %d ms (GATEWAY_API_STATEMENT_TIMEOUT_MS)",
+                "statement on %s cancelled (GATEWAY_API_STATEMENT_TIMEOUT_MS=%d)",
                 request.url.path,
-                settings.api_statement_timeout_ms,
+                limit_ms,
             )
+            why = "was cancelled"
+            if limit_ms:
+                why = f"took longer than this api allows ({limit_ms} ms)"
             return JSONResponse(
-                {
-                    "detail": "the query took longer than this api allows "
-                    f"({settings.api_statement_timeout_ms} ms); narrow it or retry later"
-                },
+                {"detail": f"the query {why}; narrow it or retry later"},
                 status_code=503,
                 headers={"Retry-After": "5"},
             )

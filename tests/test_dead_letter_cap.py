@@ -138,6 +138,25 @@ def test_no_cap_keeps_everything(engine: Engine) -> None:
     assert list(stored(engine, device, hour)) == ["not_json"]
 
 
+def test_text_postgresql_cannot_hold_is_stored_replaced(engine: Engine) -> None:
+    """A NUL or a lone surrogate in a dead letter's text would fail its whole batch."""
+    hour = fresh_hour()
+    device = unique()
+    odd = Rejection.of(
+        InputError(Reason.INVALID_MESSAGE, "bad \x00 byte"),
+        b"\x00",
+        Source.WORK_QUEUE,
+        device_id=device,
+        topic="devices/\ud800/heartbeat",
+        received_at=hour,
+    )
+    assert write(engine, [odd, *flood(device, 2, hour)], cap=10).kept == 3
+    with engine.connect() as conn:
+        row = conn.execute(select(rejected).where(rejected.c.id == odd.id)).mappings().one()
+    assert (row["detail"], row["topic"]) == ("bad \ufffd byte", "devices/?/heartbeat")
+    assert bytes(row["payload"]) == b"\x00"
+
+
 def over_cap_metric(source: str) -> float:
     return REGISTRY.get_sample_value("gateway_dead_letters_over_cap_total", {"source": source}) or 0
 
