@@ -48,8 +48,8 @@ MAX_PAGE = 1000
 #: Cursors this API issues are far shorter; a longer one is refused before it is decoded.
 MAX_CURSOR = 512
 MAX_BIGINT = 2**63 - 1
-#: The largest magnitude a float holds: an average is clamped to it (it never exceeds the
-#: largest value averaged, which input already bounds; this only makes the cast total).
+#: The largest magnitude a float holds: aggregates are clamped to it, so each is a finite
+#: float or a 64-bit integer (input already bounds every stored number; this makes it total).
 FLOAT_MAX = Decimal(repr(sys.float_info.max))
 
 
