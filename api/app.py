@@ -22,7 +22,7 @@ from api.stream import StatusStream
 from api.tokens import TokenCache
 from gateway import logs, queries
 from gateway.broker import Forwarder, Publisher, connect
-from gateway.db import is_transient, make_engine
+from gateway.db import is_cancelled, is_transient, make_engine
 from gateway.errors import InputError
 from gateway.health import broker_ready, check_storage, is_ready
 from gateway.settings import ApiSettings
@@ -78,9 +78,21 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logs.configure(settings.log_level, settings.log_format)  # also in uvicorn's workers
-        engine = make_engine(str(settings.database_url), pool_size=4, pre_ping=False)
+        # Every statement of the api is bounded: a read that would run for minutes answers 503
+        # instead of holding a pooled connection (and a thread) for as long.
+        timeout_ms = settings.api_statement_timeout_ms
+        engine = make_engine(
+            str(settings.database_url),
+            pool_size=4,
+            pre_ping=False,
+            statement_timeout_ms=timeout_ms,
+        )
         reads = make_engine(
-            str(settings.database_url), pool_size=10, pre_ping=False, autocommit=True
+            str(settings.database_url),
+            pool_size=10,
+            pre_ping=False,
+            autocommit=True,
+            statement_timeout_ms=timeout_ms,
         )
         cache = redis.Redis.from_url(
             str(settings.redis_url), socket_timeout=1, socket_connect_timeout=1
@@ -125,6 +137,21 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
     @app.exception_handler(SQLAlchemyError)
     async def database_unavailable(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        if is_cancelled(exc):
+            limit_ms = settings.api_statement_timeout_ms
+            log.warning(
+                "statement on %s cancelled (GATEWAY_API_STATEMENT_TIMEOUT_MS=%d)",
+                request.url.path,
+                limit_ms,
+            )
+            why = "was cancelled"
+            if limit_ms:
+                why = f"took longer than this api allows ({limit_ms} ms)"
+            return JSONResponse(
+                {"detail": f"the query {why}; narrow it or retry later"},
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
         if not is_transient(exc):
             raise exc
         log.warning("database error on %s: %s", request.url.path, str(exc).splitlines()[0])

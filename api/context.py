@@ -9,8 +9,9 @@ from typing import Annotated
 
 import aio_pika.abc
 import redis
-from fastapi import Path, Request
+from fastapi import Path, Query, Request
 from pydantic import AfterValidator
+from pydantic_core import PydanticCustomError
 from sqlalchemy import Engine
 
 from api.stream import StatusStream
@@ -51,16 +52,33 @@ DevicePath = Annotated[
 ]
 
 
-def _utc(value: datetime) -> datetime:
-    """Query times as UTC (naive ones are taken as UTC), within what PostgreSQL can compare."""
+#: The range of every time in a query, in UTC once its offset is applied: every instant that
+#: a date-time of the years 1 to 9999 names. Outside it: 422, naming the parameter.
+TIME_RANGE = "from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z"
+TIME_DESCRIPTION = f"RFC 3339 (UTC when without offset), {TIME_RANGE} once in UTC"
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """A query time as UTC (a naive one is taken as UTC), or the error that states its range."""
+    if value is None:
+        return None
     try:
-        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    except OverflowError:
-        raise ValueError("time is out of range") from None
-    if not 1 <= value.year <= 9999:
-        raise ValueError("time is out of range")
-    return value
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except (OverflowError, ValueError):  # e.g. 0001-01-01T00:00:00+01:00 is in the year 0
+        raise PydanticCustomError(
+            "time_range", f"must be a time {TIME_RANGE} once converted to UTC"
+        ) from None
 
 
-#: A time in a query (`since`, `until`), normalized to UTC.
-QueryTime = Annotated[datetime | None, AfterValidator(lambda v: None if v is None else _utc(v))]
+#: A window's start in a query (inclusive), normalized to UTC.
+Since = Annotated[
+    datetime | None,
+    AfterValidator(_utc),
+    Query(description=f"received at or after this time, {TIME_DESCRIPTION}"),
+]
+#: A window's end in a query (exclusive), normalized to UTC.
+Until = Annotated[
+    datetime | None,
+    AfterValidator(_utc),
+    Query(description=f"received before this time, {TIME_DESCRIPTION}"),
+]

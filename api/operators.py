@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, TypeVar
 
 import anyio.from_thread
@@ -16,7 +16,7 @@ from pydantic import StringConstraints
 from sqlalchemy import Connection
 
 from api.auth import Operator
-from api.context import Context, DevicePath, QueryTime, context
+from api.context import Context, DevicePath, Since, Until, context
 from api.responses import errors
 from api.stream import OVERFLOW
 from gateway import quality, queries, registry, sessions, state
@@ -26,6 +26,7 @@ from gateway.liveness import StatusEvent
 from gateway.messages import DeviceStatus, utcnow
 from gateway.payload import METRIC_NAME_PATTERN
 from gateway.queries import (
+    MAX_CURSOR,
     MAX_PAGE,
     DeviceView,
     Fleet,
@@ -45,8 +46,13 @@ router = APIRouter(
 
 Ctx = Annotated[Context, Depends(context)]
 KEEPALIVE_S = 15.0
+DEFAULT_WINDOW = timedelta(hours=24)
+EARLIEST = datetime.min.replace(tzinfo=UTC)
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size, at most {MAX_PAGE}")]
-Cursor = Annotated[str | None, Query(description="next_cursor from the previous page")]
+Cursor = Annotated[
+    str | None,
+    Query(max_length=MAX_CURSOR, description="next_cursor from the previous page"),
+]
 
 
 @router.get("/devices", summary="List devices (optionally by status)", responses=errors(400))
@@ -64,7 +70,7 @@ def list_devices(
     "/devices",
     status_code=status.HTTP_201_CREATED,
     summary="Register a device; answers its token, this once",
-    responses=errors(409),
+    responses=errors(400, 409),
 )
 def register_device(registration: registry.Registration, ctx: Ctx) -> registry.IssuedToken:
     with _registry_errors(), ctx.engine.begin() as conn:
@@ -93,7 +99,7 @@ def rotate_token(device_id: DevicePath, ctx: Ctx) -> registry.IssuedToken:
 @router.patch(
     "/devices/{device_id}",
     summary="Change a device's interval, or enable/disable it",
-    responses=errors(404),
+    responses=errors(400, 404),
 )
 def change_device(device_id: DevicePath, changes: registry.DeviceChanges, ctx: Ctx) -> DeviceView:
     with _registry_errors(), ctx.engine.begin() as conn:
@@ -181,8 +187,8 @@ def _cached_state(ctx: Context, device_id: str) -> state.DeviceState | None:
 def list_heartbeats(
     device_id: DevicePath,
     ctx: Ctx,
-    since: QueryTime = None,
-    until: QueryTime = None,
+    since: Since = None,
+    until: Until = None,
     limit: Limit = 100,
     cursor: Cursor = None,
 ) -> Page[HeartbeatRecord]:
@@ -205,15 +211,25 @@ def device_metrics(
         list[Annotated[str, StringConstraints(pattern=METRIC_NAME_PATTERN)]],
         Query(min_length=1, max_length=20, description="metric names; repeat for several"),
     ],
-    since: QueryTime = None,
-    until: QueryTime = None,
-    bucket: Annotated[str, Query(pattern=r"^[1-9][0-9]{0,4}[smhd]$")] = "1m",
+    since: Since = None,
+    until: Until = None,
+    bucket: Annotated[
+        str,
+        Query(
+            pattern=r"^[1-9][0-9]{0,4}[smhd]$",
+            description="bucket width: 1 to 99999 seconds, minutes, hours or days (s, m, h, d); "
+            f"at most {queries.MAX_BUCKETS} buckets in the window",
+        ),
+    ] = "1m",
     agg: queries.Aggregate = "avg",
 ) -> queries.MetricSeries:
     """Buckets start at multiples of the width (from 2000-01-01T00:00Z); a bucket without a
-    value of that metric is absent. Default window: the last 24 hours."""
+    value of that metric is absent. Default window: the 24 hours before `until` (now).
+    `avg`, `min` and `max` are computed exactly (PostgreSQL numeric) over the numbers
+    stored, whatever their size; an average is a finite number."""
     until = until or utcnow()
-    since = since or until - timedelta(hours=24)
+    if since is None:  # 24 hours earlier, or as early as a time can be
+        since = until - min(DEFAULT_WINDOW, until - EARLIEST)
     if since >= until:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "since must be before until")
     with ctx.reads.connect() as conn:
@@ -233,7 +249,12 @@ def device_metrics(
 
 
 @router.get("/fleet", summary="Counts by status, and the devices that went offline last")
-def fleet(ctx: Ctx, recent: Annotated[int, Query(ge=0, le=100)] = 10) -> Fleet:
+def fleet(
+    ctx: Ctx,
+    recent: Annotated[
+        int, Query(ge=0, le=100, description="how many recently offline devices to list")
+    ] = 10,
+) -> Fleet:
     with ctx.reads.connect() as conn:
         return queries.fleet_counts(conn, recent=recent)
 
@@ -303,8 +324,8 @@ def list_rejected(
         ),
     ] = None,
     reason: Reason | None = None,
-    since: QueryTime = None,
-    until: QueryTime = None,
+    since: Since = None,
+    until: Until = None,
     limit: Limit = 100,
     cursor: Cursor = None,
 ) -> Page[RejectedRecord]:

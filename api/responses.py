@@ -16,7 +16,7 @@ class Problem(BaseModel):
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     descriptions = {
-        400: "Bad request (e.g. a cursor this API did not return)",
+        400: "Bad request: a cursor this API did not return, or a body that is not JSON",
         401: "Missing or invalid token",
         403: "The token may not do this",
         404: "No such device",
@@ -24,7 +24,10 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         413: "Payload over 16 KiB",
         415: "Not JSON",
         422: "Invalid input; `detail` names the field",
-        503: "A dependency (broker or database) is unavailable; nothing was changed, retry",
+        503: (
+            "A dependency (broker or database) is unavailable, or a query ran longer than the "
+            "api allows; nothing was changed, retry after `Retry-After` seconds"
+        ),
     }
     return {code: {"model": Problem, "description": descriptions[code]} for code in codes}
 

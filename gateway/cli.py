@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("migrate", help="apply database migrations (GATEWAY_DATABASE_URL)")
     commands.add_parser(
         "maintain",
-        help="create heartbeat partitions ahead, drop those past GATEWAY_RETENTION_DAYS",
+        help="create heartbeat partitions ahead, drop those past GATEWAY_RETENTION_DAYS; "
+        "delete dead letters and status events past GATEWAY_DEAD_LETTER_RETENTION_DAYS and "
+        "GATEWAY_EVENT_RETENTION_DAYS",
     )
     definitions = commands.add_parser(
         "definitions", help="print rabbitmq/definitions.json from the topology"
@@ -159,22 +161,35 @@ def _run(args: argparse.Namespace) -> int:
         print("database schema is up to date")
         return 0
     if args.command == "maintain":
-        from gateway import partitions
+        from gateway import partitions, retention
         from gateway.db import make_engine
         from gateway.settings import WorkerSettings, load
 
         settings = load(WorkerSettings)
         engine = make_engine(str(settings.database_url), pool_size=1)
-        done = partitions.run(
-            engine,
-            ahead_days=settings.partitions_ahead_days,
-            retention_days=settings.retention_days,
-        )
-        engine.dispose()
+        try:
+            done = partitions.run(
+                engine,
+                ahead_days=settings.partitions_ahead_days,
+                retention_days=settings.retention_days,
+            )
+            purged = retention.run(
+                engine,
+                dead_letter_days=settings.dead_letter_retention_days,
+                event_days=settings.event_retention_days,
+            )
+        finally:
+            engine.dispose()
         print(
             f"partitions created: {', '.join(done.created) or 'none'}; "
             f"dropped: {', '.join(done.dropped) or 'none'}"
             + ("; another maintenance run holds the lock, nothing done" if done.skipped else "")
+        )
+        deleted = purged.deleted
+        print(
+            f"deleted: {deleted.get('rejected', 0)} dead letters, "
+            f"{deleted.get('device_events', 0)} status events"
+            + ("; another run holds the retention lock, left to it" if purged.skipped else "")
         )
         return 0
     if args.command == "tls":

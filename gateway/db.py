@@ -14,12 +14,25 @@ from gateway.partitions import DayTurned
 
 
 def make_engine(
-    url: str, *, pool_size: int = 5, pre_ping: bool = True, autocommit: bool = False
+    url: str,
+    *,
+    pool_size: int = 5,
+    pre_ping: bool = True,
+    autocommit: bool = False,
+    statement_timeout_ms: int = 0,
 ) -> Engine:
     """A pooled engine. `pre_ping` costs a round trip per checkout: right for occasional work,
     too dear for a request path (a dead connection there costs one 503 and is replaced) or a
     worker's batch (a dead connection fails the batch once, and the worker retries it).
-    `autocommit` suits single-statement reads: no BEGIN and no ROLLBACK around them."""
+    `autocommit` suits single-statement reads: no BEGIN and no ROLLBACK around them.
+    `statement_timeout_ms` (0: none) bounds every statement of every connection; it travels in
+    the connection's startup packet, so it costs no round trip at all."""
+    connect_args: dict[str, object] = {
+        "connect_timeout": 5,
+        "application_name": "heartbeat-gateway",
+    }
+    if statement_timeout_ms:
+        connect_args["options"] = f"-c statement_timeout={int(statement_timeout_ms)}"
     return create_engine(
         url,
         **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
@@ -27,7 +40,7 @@ def make_engine(
         max_overflow=pool_size,
         pool_pre_ping=pre_ping,
         pool_recycle=1800,
-        connect_args={"connect_timeout": 5, "application_name": "heartbeat-gateway"},
+        connect_args=connect_args,
     )
 
 
@@ -46,6 +59,15 @@ def migrate(url: str, revision: str = "head") -> None:
 #: SQLSTATE classes that say "not now" rather than "not this": connection exception,
 #: insufficient resources, operator intervention (shutdown), transaction rollback (deadlock).
 TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "53", "57", "40"})
+
+
+#: SQLSTATE of a statement cancelled, by `statement_timeout` or by an operator.
+QUERY_CANCELED = "57014"
+
+
+def is_cancelled(exc: SQLAlchemyError) -> bool:
+    """The statement ran past `statement_timeout` (or was cancelled): the database is up."""
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "pgcode", None) == QUERY_CANCELED
 
 
 def is_transient(exc: SQLAlchemyError) -> bool:

@@ -21,6 +21,8 @@ class Reason(StrEnum):
     UNSTORABLE = "unstorable"
     #: Sent before its device was disabled, stored after: never stored as the device's.
     DEVICE_DISABLED = "device_disabled"
+    #: Not a message: one entry per device and hour, counting the dead letters over the cap.
+    OVER_CAP = "over_cap"
 
 
 class InputError(ValueError):

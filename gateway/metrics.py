@@ -17,6 +17,15 @@ DUPLICATES = Counter(
     "gateway_heartbeats_duplicate_total", "Heartbeats already stored (redelivery or retry)"
 )
 DEAD_LETTERS_STORED = Counter("gateway_dead_letters_stored_total", "Rows written to `rejected`")
+#: By source only: a device label would let devices grow the label set without bound.
+DEAD_LETTERS_OVER_CAP = Counter(
+    "gateway_dead_letters_over_cap_total",
+    "Dead letters counted but not kept: over the cap per device and hour",
+    ["source"],
+)
+RETENTION_DELETED = Counter(
+    "gateway_retention_deleted_total", "Rows deleted after their retention period", ["table"]
+)
 BATCH_SIZE = Histogram(
     "gateway_worker_batch_size",
     "Messages per worker batch",

@@ -111,8 +111,9 @@ CLOCK_MARGIN = timedelta(days=1)
 def stored_since(since: datetime | None) -> list:
     """The partitions that can hold heartbeats received since `since`: a row is stored after it
     is received, so older days' partitions are skipped (only a lower bound: a backlog drained
-    today holds rows received yesterday)."""
-    if since is None:
+    today holds rows received yesterday). Total: a `since` within the margin of the earliest
+    time there is prunes nothing."""
+    if since is None or since - datetime.min.replace(tzinfo=since.tzinfo) < CLOCK_MARGIN:
         return []
     return [heartbeats.c.stored_on >= (since - CLOCK_MARGIN).date()]
 

@@ -10,17 +10,20 @@ import base64
 import binascii
 import json
 import re
+import sys
 import uuid
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import (
     Connection,
-    Float,
+    Numeric,
     Text,
     and_,
     case,
+    cast,
     func,
     literal,
     select,
@@ -42,6 +45,12 @@ from gateway.state import DeviceState
 T = TypeVar("T")
 
 MAX_PAGE = 1000
+#: Cursors this API issues are far shorter; a longer one is refused before it is decoded.
+MAX_CURSOR = 512
+MAX_BIGINT = 2**63 - 1
+#: The largest magnitude a float holds: aggregates are clamped to it, so each is a finite
+#: float or a 64-bit integer (input already bounds every stored number; this makes it total).
+FLOAT_MAX = Decimal(repr(sys.float_info.max))
 
 
 class Page(BaseModel, Generic[T]):
@@ -163,10 +172,14 @@ def encode_cursor(*values: Any) -> str:
 
 
 def _time_id(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """The (time, id) a cursor names, the time in UTC: PostgreSQL takes offsets up to 15:59
+    only, and this API's cursors never carry another."""
     at, last_id = decode_cursor(cursor, 2)
     try:
-        return datetime.fromisoformat(at), uuid.UUID(last_id)
-    except ValueError:
+        when = datetime.fromisoformat(at)
+        when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+        return when, uuid.UUID(last_id)
+    except (ValueError, OverflowError):
         raise BadCursor("cursor is not one this API returned") from None
 
 
@@ -331,7 +344,8 @@ def list_events(
     query = select(device_events).where(e.device_id == device_id).order_by(e.id.desc())
     if cursor:
         (before,) = decode_cursor(cursor, 1)
-        if not before.isdigit():
+        # ASCII digits only ("²" is a digit to Python, not to int()), and within bigint.
+        if not (before.isascii() and before.isdigit() and int(before) <= MAX_BIGINT):
             raise BadCursor("cursor is not one this API returned")
         query = query.where(e.id < int(before))
     rows = conn.execute(query.limit(limit + 1)).mappings().all()
@@ -383,21 +397,30 @@ def metric_series(
     agg: Aggregate,
 ) -> MetricSeries:
     """One query for every name: avg/min/max over numeric values, count of values, or the
-    last value (any type) of each bucket."""
+    last value (any type) of each bucket.
+
+    Numbers are aggregated as PostgreSQL `numeric`, exactly: a float8 sum overflows past
+    1.8e308 and rounds 64-bit integers. `min` and `max` come back as the value stored (an
+    integer stays one); `avg` as the nearest float (within +-1.7976931348623157e308)."""
     width = bucket_seconds(bucket)
     if (until - since).total_seconds() / width > MAX_BUCKETS:
         raise ValueError(f"more than {MAX_BUCKETS} buckets: widen the bucket or narrow the window")
     h = heartbeats.c
     name = func.unnest(literal(names, ARRAY(Text))).table_valued("name").render_derived()
     value = h.metrics[name.c.name]
-    number = case(
-        (func.jsonb_typeof(value) == "number", h.metrics[name.c.name].astext.cast(Float)),
-    )
+    number = case((func.jsonb_typeof(value) == "number", cast(value, Numeric)))
     start = func.date_bin(func.make_interval(0, 0, 0, 0, 0, 0, width), h.received_at, BUCKET_ORIGIN)
+    largest = literal(FLOAT_MAX, Numeric)
+
+    def as_json(exact: ColumnElement) -> ColumnElement:
+        # As JSON, parsed by the client library: a cast to float8 would fail where an average
+        # is too small for a float (it becomes 0.0 here), and would round 64-bit integers.
+        return func.to_jsonb(func.least(func.greatest(exact, -largest), largest))
+
     aggregate = {
-        "avg": func.avg(number),
-        "min": func.min(number),
-        "max": func.max(number),
+        "avg": as_json(func.avg(number)),
+        "min": as_json(func.min(number)),
+        "max": as_json(func.max(number)),
         "count": func.count(value),
         "last": func.array_agg(aggregate_order_by(value, h.received_at.desc()))[1],
     }[agg]

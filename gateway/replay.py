@@ -62,6 +62,8 @@ def select_entries(conn: Connection, filters: Filters) -> list:
 
 def convert_again(entry) -> Heartbeat | StatusReport | WorkBatch:
     """The canonical message a dead letter becomes today; raises `InputError` if none."""
+    if entry["reason"] == Reason.OVER_CAP:
+        raise InputError(Reason.OVER_CAP, "a count of dead letters that were not kept")
     payload = bytes(entry["payload"])
     if entry["size"] > len(payload):
         raise InputError(Reason(entry["reason"]), "the payload was cut when stored; not replayable")

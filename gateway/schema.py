@@ -98,6 +98,16 @@ rejected = Table(
     Index("ix_rejected_reason", "reason", "received_at"),
 )
 
+#: Dead letters received per device and hour (`device_key` '' for those without a device):
+#: the cap's count, kept and over the cap alike (see `gateway.store.write_rejections`).
+rejected_counts = Table(
+    "rejected_counts",
+    metadata,
+    Column("hour", DateTime(timezone=True), primary_key=True),
+    Column("device_key", Text, primary_key=True),
+    Column("received", BigInteger, nullable=False),
+)
+
 #: Every change of a device's status, and why: timeout, last_will, heartbeat, status_message.
 device_events = Table(
     "device_events",
@@ -109,4 +119,6 @@ device_events = Table(
     Column("at", DateTime(timezone=True), nullable=False),
     Column("reason", Text, nullable=False),
     Index("ix_device_events_device", "device_id", "id"),
+    #: Retention deletes the oldest by this index.
+    Index("ix_device_events_at", "at"),
 )

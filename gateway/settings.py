@@ -161,6 +161,13 @@ class WorkerSettings(CommonSettings):
     dedup_window_days: int = Field(default=DEDUP_WINDOW_DAYS, ge=0)
     #: Days of heartbeats kept: older daily partitions are dropped whole (0 keeps everything).
     retention_days: int = Field(default=30, ge=0)
+    #: Days of dead letters and of status events kept: older rows are deleted in batches by
+    #: maintenance (0 keeps everything).
+    dead_letter_retention_days: int = Field(default=30, ge=0)
+    event_retention_days: int = Field(default=30, ge=0)
+    #: Dead letters kept per device per hour (those without a device share one allowance);
+    #: the rest are counted in one `over_cap` entry per device and hour (0: no cap).
+    dead_letter_cap_per_hour: int = Field(default=1000, ge=0, le=2**31 - 1)
     #: Daily partitions created ahead of time, and how often the worker checks.
     partitions_ahead_days: int = Field(default=3, ge=1)
     maintenance_period_s: float = Field(default=3600.0, gt=0)
@@ -193,6 +200,9 @@ class ApiSettings(CommonSettings):
     api_batch_size: int = Field(default=100, ge=1, le=MAX_BATCH_ITEMS)
     api_linger_ms: int = Field(default=2, ge=0)
     operator_token: str = ""
+    #: Longest any one statement of the api may run (PostgreSQL `statement_timeout`, set once
+    #: per connection); a read cut short answers 503 with Retry-After (0: no limit).
+    api_statement_timeout_ms: int = Field(default=5000, ge=0, le=2**31 - 1)
 
     def secret_urls(self) -> dict[str, object]:
         # The api must be able to close a disabled device's connections.

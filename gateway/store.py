@@ -8,6 +8,7 @@ nothing.
 
 from __future__ import annotations
 
+import base64
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from sqlalchemy import (
     column,
     func,
     select,
+    text,
     update,
     values,
 )
@@ -37,7 +39,7 @@ from sqlalchemy.sql.selectable import TableValuedAlias
 from gateway import liveness, partitions
 from gateway.liveness import StatusEvent
 from gateway.messages import DeviceStatus, Heartbeat, Rejection, StatusReport, to_json
-from gateway.schema import devices, heartbeats, rejected
+from gateway.schema import devices, heartbeats
 from gateway.state import DeviceState
 
 
@@ -296,30 +298,123 @@ def _apply_offline(conn: Connection, reports: Sequence[StatusReport]) -> list[De
     return [DeviceState.from_row(row) for row in conn.execute(stmt).mappings()]
 
 
-def write_rejections(conn: Connection, rejections: Sequence[Rejection]) -> int:
-    """Store dead letters; one already stored (a redelivery) is skipped. Returns rows added."""
-    if not rejections:
-        return 0
-    stmt = (
-        insert(rejected)
-        .on_conflict_do_nothing(index_elements=[rejected.c.id])
-        .returning(rejected.c.id)
+@dataclass
+class RejectionsWritten:
+    """What became of a batch of dead letters."""
+
+    #: Rows added (redeliveries of rows already stored are skipped).
+    kept: int = 0
+    #: Dead letters counted but not kept, by source: over their device's hourly cap.
+    over_cap: dict[str, int] = field(default_factory=dict)
+
+
+#: A bucket of the cap: the hour of receipt, in UTC whatever the session's time zone.
+_HOUR = "date_bin('1 hour', r.received_at, TIMESTAMPTZ '2000-01-01 00:00:00+00')"
+
+# One statement per batch. Each dead letter not stored yet is counted against its device's
+# hour (`rejected_counts`, whose row the upsert locks until commit: exact across workers); those
+# within the cap are stored, and the rest are counted in the hour's `over_cap` entry (one per
+# device and hour, its id derived from both, its detail rewritten with the running count).
+_WRITE_REJECTIONS = text(
+    f"""
+    WITH batch AS MATERIALIZED (
+      SELECT r.id, r.received_at, r.reason, r.detail, r.source, r.device_id, r.topic, r.size,
+             decode(r.payload, 'base64') AS payload,
+             coalesce(r.device_id, '') AS device_key,
+             {_HOUR} AS hour,
+             row_number() OVER (
+               PARTITION BY coalesce(r.device_id, ''), {_HOUR} ORDER BY r.received_at, r.id
+             ) AS n
+      FROM json_to_recordset(CAST(:rows AS json)) AS r(
+        id uuid, received_at timestamptz, reason text, detail text, source text,
+        device_id text, topic text, size integer, payload text)
+      WHERE NOT EXISTS (SELECT FROM rejected AS stored WHERE stored.id = r.id)
+    ), wanted AS (
+      SELECT hour, device_key, count(*) AS added FROM batch GROUP BY hour, device_key
+    ), counted AS (
+      INSERT INTO rejected_counts AS c (hour, device_key, received)
+      SELECT hour, device_key, added FROM wanted ORDER BY hour, device_key
+      ON CONFLICT (hour, device_key) DO UPDATE SET received = c.received + excluded.received
+      RETURNING c.hour, c.device_key, c.received
+    ), placed AS MATERIALIZED (
+      SELECT b.*, c.received AS total,
+             :cap > 0 AND c.received - w.added + b.n > :cap AS over_cap
+      FROM batch AS b
+      JOIN wanted AS w USING (hour, device_key)
+      JOIN counted AS c USING (hour, device_key)
+    ), kept AS (
+      INSERT INTO rejected (id, received_at, reason, detail, source, device_id, topic, size,
+                            payload)
+      SELECT id, received_at, reason, detail, source, device_id, topic, size, payload
+      FROM placed WHERE NOT over_cap
+      ON CONFLICT (id) DO NOTHING
+      RETURNING id
+    ), noted AS (
+      INSERT INTO rejected AS x (id, received_at, reason, detail, source, device_id, size,
+                                 payload)
+      SELECT md5('over_cap/' || device_key || '/' || extract(epoch FROM hour)::bigint)::uuid,
+             max(received_at), 'over_cap',
+             format(
+               '%s counted, not kept: over the cap of %s dead letters per device in the hour '
+               'from %s', max(total) - :cap, :cap,
+               to_char(hour AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24"\\:00Z"')),
+             min(source), nullif(device_key, ''), 0, ''::bytea
+      FROM placed WHERE over_cap
+      GROUP BY hour, device_key
+      ON CONFLICT (id) DO UPDATE SET
+        detail = excluded.detail,
+        received_at = greatest(x.received_at, excluded.received_at),
+        stored_at = now()
     )
+    SELECT NULL AS source, count(*) AS n FROM kept
+    UNION ALL
+    SELECT source, count(*) FROM placed WHERE over_cap GROUP BY source
+    """
+)
+
+
+def write_rejections(
+    conn: Connection, rejections: Sequence[Rejection], *, cap_per_hour: int = 0
+) -> RejectionsWritten:
+    """Store dead letters, at most `cap_per_hour` per device and hour of receipt (0: no cap;
+    those without a device share one allowance); the rest are counted, never silently lost.
+    One already stored (a redelivery) is skipped. Runs in the caller's transaction.
+
+    Kept rows are exactly once. A count over the cap is at least once: a batch redelivered
+    after a crash between commit and ack is counted again (keeping the ids of what was not
+    kept would cost the storage the cap saves)."""
+    if not rejections:
+        return RejectionsWritten()
     rows = [
         {
             "id": r.id,
             "received_at": r.received_at,
-            "reason": r.reason.value,
-            "detail": r.detail,
-            "source": r.source.value,
-            "device_id": r.device_id,
-            "topic": r.topic,
+            "reason": r.reason,
+            "detail": _storable(r.detail),
+            "source": r.source,
+            "device_id": _storable(r.device_id),
+            "topic": _storable(r.topic),
             "size": r.size,
-            "payload": r.payload,
+            "payload": base64.b64encode(r.payload).decode(),
         }
         for r in rejections
     ]
-    return len(conn.execute(stmt, rows).all())
+    params = {"rows": orjson.dumps(rows).decode(), "cap": cap_per_hour}
+    written = RejectionsWritten()
+    for source, count in conn.execute(_WRITE_REJECTIONS, params):
+        if source is None:
+            written.kept = count
+        else:
+            written.over_cap[source] = count
+    return written
+
+
+def _storable(value: str | None) -> str | None:
+    """Text PostgreSQL can hold: a NUL becomes U+FFFD and a lone surrogate `?`, so a dead
+    letter is stored whatever its text, instead of failing its whole batch."""
+    if value is None or (value.isprintable() and value.isascii()):
+        return value
+    return value.encode("utf-8", "replace").decode().replace("\x00", "\ufffd")
 
 
 def iter_states(conn: Connection, page_size: int = 5000) -> Iterator[list[DeviceState]]:

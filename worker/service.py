@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway import metrics, partitions, state, store, topology
+from gateway import metrics, partitions, retention, state, store, topology
 from gateway.broker import Acks, Publisher, PublishFailed, connect
 from gateway.db import is_transient, make_engine, short_error
 from gateway.errors import InputError, Reason
@@ -245,8 +245,9 @@ class Worker:
             log.info("last %.0f s: %s", time.monotonic() - written.since, written)
 
     async def _maintain(self, stop: asyncio.Event) -> None:
-        """Heartbeat partitions: created ahead and dropped after the retention period, now and
-        then every `maintenance_period_s` (any worker may; one at a time)."""
+        """Heartbeat partitions created ahead and dropped after the retention period; dead
+        letters and status events deleted after theirs. Now and then every
+        `maintenance_period_s` (any worker may; one at a time)."""
         s = self.settings
         while not stop.is_set():
             try:
@@ -258,6 +259,16 @@ class Worker:
                 )
             except SQLAlchemyError as exc:
                 log.warning("partition maintenance failed (%s); will retry", short_error(exc))
+            try:
+                await asyncio.to_thread(
+                    retention.run,
+                    self.engine,
+                    dead_letter_days=s.dead_letter_retention_days,
+                    event_days=s.event_retention_days,
+                    keep_going=lambda: not stop.is_set(),
+                )
+            except SQLAlchemyError as exc:
+                log.warning("retention failed (%s); will retry", short_error(exc))
             await sleep_or_stop(stop, s.maintenance_period_s)
 
     def _rebuild(self) -> None:
@@ -323,17 +334,29 @@ class Worker:
                 error = InputError(Reason.INVALID_MESSAGE, describe_validation_error(exc))
                 rejections.append(Rejection.of(error, message.body, Source.WORK_QUEUE))
 
-        def write() -> int:
+        def write() -> store.RejectionsWritten:
             with self.engine.begin() as conn:
-                return store.write_rejections(conn, rejections)
+                return store.write_rejections(
+                    conn, rejections, cap_per_hour=self.settings.dead_letter_cap_per_hour
+                )
 
-        added = await self._retry_transient(write)
-        if added is None:
+        written = await self._retry_transient(write)
+        if written is None:
             return
-        metrics.DEAD_LETTERS_STORED.inc(added)
+        metrics.DEAD_LETTERS_STORED.inc(written.kept)
+        for source, count in written.over_cap.items():
+            metrics.DEAD_LETTERS_OVER_CAP.labels(source).inc(count)
         for message in messages:
             self.acks.done(message)
-        log.info("stored %d dead letters", added)
+        if written.over_cap:
+            log.info(
+                "stored %d dead letters; %d over the cap of %d per device and hour, counted",
+                written.kept,
+                sum(written.over_cap.values()),
+                self.settings.dead_letter_cap_per_hour,
+            )
+        else:
+            log.info("stored %d dead letters", written.kept)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
