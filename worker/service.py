@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import random
 import time
@@ -14,7 +13,6 @@ from dataclasses import dataclass, field
 
 import aio_pika.abc
 import redis
-from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -23,8 +21,15 @@ from gateway.broker import Acks, Publisher, PublishFailed, connect
 from gateway.db import is_transient, make_engine, short_error
 from gateway.errors import InputError, Reason
 from gateway.health import HealthServer, broker_ready, check_storage
-from gateway.messages import Heartbeat, Rejection, Source, StatusReport, decode_work, utcnow
-from gateway.payload import describe_validation_error
+from gateway.messages import (
+    Heartbeat,
+    Rejection,
+    Source,
+    StatusReport,
+    read_dead_letter,
+    read_work,
+    utcnow,
+)
 from gateway.service import sleep_or_stop
 from gateway.settings import WorkerSettings
 from worker.batcher import Batcher, Message
@@ -88,15 +93,9 @@ class Worker:
         items: list[Heartbeat | StatusReport] = []
         invalid: list[Rejection] = []
         for message in messages:
-            try:
-                items.extend(decode_work(message.body))
-            except ValidationError as exc:
-                error = InputError(Reason.INVALID_MESSAGE, describe_validation_error(exc))
-                invalid.append(
-                    Rejection.of(
-                        error, message.body, Source.WORK_QUEUE, device_id=_claimed_device(message)
-                    )
-                )
+            good, bad = read_work(message.body)
+            items.extend(good)
+            invalid.extend(bad)
         result = await self._store(items, invalid)
         if result is None:
             return  # shutting down with the database away: unacked messages are redelivered
@@ -303,13 +302,7 @@ class Worker:
     # ---- dead letters ---------------------------------------------------------------------
 
     async def flush_rejected(self, messages: list[Message]) -> None:
-        rejections = []
-        for message in messages:
-            try:
-                rejections.append(Rejection.from_amqp(dict(message.headers or {}), message.body))
-            except ValidationError as exc:
-                error = InputError(Reason.INVALID_MESSAGE, describe_validation_error(exc))
-                rejections.append(Rejection.of(error, message.body, Source.WORK_QUEUE))
+        rejections = [read_dead_letter(message.headers, message.body) for message in messages]
 
         def write() -> int:
             with self.engine.begin() as conn:
@@ -377,11 +370,3 @@ class Worker:
             await health.close()
             self.engine.dispose()
             self.redis.close()
-
-
-def _claimed_device(message: Message) -> str | None:
-    """The device a malformed work message names, if any (for filtering dead letters)."""
-    with contextlib.suppress(ValueError):
-        claimed = json.loads(message.body).get("device_id")
-        return claimed if isinstance(claimed, str) else None
-    return None
