@@ -14,7 +14,7 @@ from datetime import datetime
 from gateway.errors import InputError, unforeseen
 from gateway.messages import Heartbeat, Rejection, Source, StatusReport, utcnow
 from gateway.payload import parse_payload
-from gateway.topics import TopicKind, mqtt_topic, parse_routing_key
+from gateway.topics import TopicKind, claimed_device, mqtt_topic, parse_routing_key
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,6 @@ def convert(routing_key: str, body: bytes, received_at: datetime | None = None) 
     """Turn an MQTT publish (as RabbitMQ delivers it) into a canonical message or a dead letter.
     Never raises."""
     received_at = received_at or utcnow()
-    device_id = None
     try:
         topic = parse_routing_key(routing_key)
         device_id = topic.device_id
@@ -64,7 +63,7 @@ def convert(routing_key: str, body: bytes, received_at: datetime | None = None) 
             error,
             body,
             Source.MQTT,
-            device_id=device_id,
+            device_id=claimed_device(routing_key),
             topic=mqtt_topic(routing_key),
             received_at=received_at,
         )

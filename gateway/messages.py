@@ -8,6 +8,7 @@ worker consumes nothing else. Serialized as JSON: one per AMQP message, or sever
 from __future__ import annotations
 
 import base64
+import json
 import random
 import uuid
 from datetime import UTC, datetime
@@ -195,8 +196,10 @@ def read_work(body: bytes) -> tuple[list[Heartbeat | StatusReport], list[Rejecti
 
 def _read_items(body: bytes) -> tuple[list[Heartbeat | StatusReport], list[Rejection]] | None:
     """A batch's items one by one, each bad one a dead letter of its own; None if `body` is
-    not a batch's envelope (`{"kind": "batch", "items": [...]}`)."""
-    envelope = orjson.loads(body)
+    not a batch's envelope (`{"kind": "batch", "items": [...]}`). Read by the standard
+    library's parser, which takes any JSON (integers of any size, lone surrogates); each item
+    is then validated from its own JSON, as any work message is."""
+    envelope = json.loads(body)
     if not isinstance(envelope, dict) or envelope.get("kind") != "batch":
         return None
     items = envelope.get("items")
@@ -205,10 +208,10 @@ def _read_items(body: bytes) -> tuple[list[Heartbeat | StatusReport], list[Rejec
     good: list[Heartbeat | StatusReport] = []
     bad: list[Rejection] = []
     for item in items:
+        raw = json.dumps(item).encode()  # ASCII: a lone surrogate stays an escape
         try:
-            good.append(CANONICAL.validate_python(item))
+            good.append(CANONICAL.validate_json(raw))
         except Exception as exc:
-            raw = orjson.dumps(item)
             device_id = _claimed_device(item)
             bad.append(Rejection.of(_refusal(exc), raw, Source.WORK_QUEUE, device_id=device_id))
     return good, bad
