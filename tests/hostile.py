@@ -12,6 +12,8 @@ import contextlib
 import json
 import math
 import random
+import socket
+import struct
 import sys
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -360,3 +362,62 @@ def hostile_stream(rng: random.Random, count: int) -> list[bytes]:
             body = body[: rng.randint(0, len(body))]  # cut short
         bodies.append(body)
     return bodies[:count]
+
+
+# ---- a raw MQTT client --------------------------------------------------------------------
+
+
+class RawMqtt:
+    """An MQTT 3.1.1 client on a bare socket, for what paho refuses to send: topics that are
+    not UTF-8, hold NUL or wildcards, or are empty. One QoS 1 publish at a time."""
+
+    def __init__(self, port: int, username: str, password: str, timeout: float = 5.0) -> None:
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        connect = _mqtt_string(b"MQTT") + bytes([4, 0xC2]) + struct.pack(">H", 30)
+        connect += _mqtt_string(username.encode())  # client id = device id
+        connect += _mqtt_string(username.encode()) + _mqtt_string(password.encode())
+        self._send(0x10, connect)
+        self.connected = self._receive(4) == b"\x20\x02\x00\x00"  # CONNACK, accepted
+        self._packet_id = 0
+
+    def publish(self, topic: bytes, payload: bytes) -> bool:
+        """True once the broker acknowledged the message (PUBACK); False when it closed the
+        connection or did not answer."""
+        self._packet_id += 1
+        packet = _mqtt_string(topic) + struct.pack(">H", self._packet_id) + payload
+        try:
+            self._send(0x32, packet)
+            return self._receive(4) == b"\x40\x02" + struct.pack(">H", self._packet_id)
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._send(0xE0, b"")
+        self._sock.close()
+
+    def _send(self, kind: int, body: bytes) -> None:
+        size, length = len(body), bytearray()
+        while True:
+            digit, size = size % 128, size // 128
+            length.append(digit | (0x80 if size else 0))
+            if not size:
+                break
+        self._sock.sendall(bytes([kind]) + bytes(length) + body)
+
+    def _receive(self, count: int) -> bytes:
+        """Up to `count` bytes: fewer when the broker closed the connection."""
+        data = b""
+        try:
+            while len(data) < count:
+                chunk = self._sock.recv(count - len(data))
+                if not chunk:
+                    return data
+                data += chunk
+        except OSError:
+            return data
+        return data
+
+
+def _mqtt_string(raw: bytes) -> bytes:
+    return struct.pack(">H", len(raw)) + raw
