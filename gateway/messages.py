@@ -11,6 +11,7 @@ import base64
 import json
 import random
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -304,14 +305,12 @@ def read_dead_letter(headers: Any, body: bytes) -> Rejection:
     """What the worker makes of a message on the dead-letter queue, whatever its headers (of
     any type) and bytes: the dead letter they describe, or else a dead letter of its own
     (`invalid_message`, with the body, and the device its headers name). Never raises."""
+    headers = headers if isinstance(headers, Mapping) else {}
     try:
-        return Rejection.from_amqp(dict(headers or {}), body)
+        return Rejection.from_amqp(dict(headers), body)
     except Exception as exc:
         error = _refusal(exc, "a dead letter")
-    try:
-        claimed = headers.get("x-gateway-device-id")
-    except Exception:
-        claimed = None
+    claimed = headers.get("x-gateway-device-id")
     device_id = claimed if isinstance(claimed, str) else None
     return Rejection.of(error, body, Source.WORK_QUEUE, device_id=device_id)
 

@@ -218,6 +218,39 @@ def payloads(draw: st.DrawFn) -> bytes:
     return _as_json(pairs, ascii_only=draw(st.integers(0, 4)) > 0)
 
 
+@st.composite
+def valid_payloads(draw: st.DrawFn) -> dict[str, Any]:
+    """A heartbeat that must be accepted, with every field at any point of its whole range: ts
+    as text in any zone or as epoch seconds or milliseconds, seq up to 2^63-1, metrics of every
+    type at their extremes (floats at +-max, subnormal, -0.0; text of any category but NUL and
+    lone surrogates, which are refused)."""
+    ts = draw(
+        st.none()
+        | in_range_datetimes.map(datetime.isoformat)
+        | st.integers(0, EPOCH_MS_THRESHOLD - 1)
+        | st.integers(EPOCH_MS_THRESHOLD, _TS_MAX_S * 1000)
+        | st.floats(0, _TS_MAX_S * 1000)
+    )
+    value = (
+        st.booleans()
+        | st.integers(-MAX_INT, MAX_INT)
+        | st.sampled_from([n for n in INTEGER_EDGES if n <= MAX_INT]).map(lambda n: n * -1)
+        | finite_floats
+        | st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=256)
+    )
+    metrics = draw(st.dictionaries(valid_metric_names, value, max_size=8))
+    body: dict[str, Any] = {
+        "ts": ts,
+        "seq": draw(st.none() | st.integers(0, MAX_INT)),
+        "msg_id": draw(st.none() | st.from_regex(r"[\x21-\x7e]{1,128}", fullmatch=True)),
+    }
+    if draw(st.booleans()):
+        body["metrics"] = metrics
+    else:
+        body.update(metrics)
+    return body
+
+
 # ---- topics -------------------------------------------------------------------------------
 
 _levels = st.sampled_from(["devices", "", "#", "*", "+", "heartbeat", "status", "commands"])

@@ -31,6 +31,7 @@ from hostile import (
     utc_instant,
     valid_dead_letter_headers,
     valid_device_ids,
+    valid_payloads,
 )
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -157,6 +158,23 @@ def test_an_unforeseen_exception_becomes_its_own_dead_letter(monkeypatch) -> Non
     except InputError as error:
         with_http = error
     assert with_http is not None and with_http.reason == Reason.UNEXPECTED_ERROR
+
+
+@SETTINGS
+@given(valid_payloads(), st.booleans())
+def test_every_well_formed_heartbeat_is_accepted_as_sent(body: dict, ascii_only: bool) -> None:
+    """The other half of totality: nothing within the contract is refused, at any extreme."""
+    raw = json.dumps(body, ensure_ascii=ascii_only).encode()
+    outcome = convert("devices.d-1.heartbeat", raw, T0)
+    assert isinstance(outcome, Forward), outcome.rejection.detail
+    beat = outcome.message
+    assert (beat.seq, beat.device_ts is None) == (body["seq"], body["ts"] is None)
+    sent = body.get("metrics") or {k: v for k, v in body.items() if k not in _KNOWN}
+    assert beat.metrics == sent
+    travels(beat)
+
+
+_KNOWN = {"ts", "seq", "msg_id", "metrics"}
 
 
 # ---- the api's ingest parse ---------------------------------------------------------------

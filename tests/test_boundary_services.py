@@ -21,13 +21,18 @@ import pamqp.common
 import pamqp.encode
 import pytest
 from hostile import (
+    SESSION_ZONES,
     corpus,
     corpus_bytes,
     corpus_headers,
     dead_letter_headers,
+    payloads,
     valid_dead_letter_headers,
+    valid_payloads,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from pydantic import TypeAdapter
 from sqlalchemy import Engine, select, text
 from support import apoll, serving, unique
 from test_bridge_integration import bridge_for, declared, publish_as_mqtt, take
@@ -35,9 +40,10 @@ from test_worker_integration import beat, count_rows, open_publisher, worker_for
 
 from gateway import store, topology
 from gateway.broker import ITEMS_HEADER
-from gateway.messages import Rejection, encode_work, read_dead_letter
-from gateway.payload import TS_MAX, TS_MIN
-from gateway.schema import rejected
+from gateway.convert import Forward, convert
+from gateway.messages import Heartbeat, Rejection, encode_work, read_dead_letter
+from gateway.payload import TS_MAX, TS_MIN, StoredMetricValue
+from gateway.schema import heartbeats, rejected
 
 pytestmark = pytest.mark.integration
 
@@ -227,3 +233,41 @@ def test_any_dead_letter_the_worker_reads_is_stored_and_read_back(
     }
     assert bytes(row["payload"]) == rejection.payload
     assert row["received_at"] == rejection.received_at
+
+
+STORED_METRICS = TypeAdapter(dict[str, StoredMetricValue])
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+@given(
+    body=valid_payloads().map(lambda b: json.dumps(b).encode()) | payloads(),
+    zone=st.sampled_from(SESSION_ZONES),
+)
+def test_any_heartbeat_the_bridge_accepts_is_stored_and_read_back(
+    engine: Engine, body: bytes, zone: str
+) -> None:
+    """Whatever body the conversion lets through, from the extremes of every field's range to
+    the hostile ones it accepts, is stored and read back as it was sent, in any session time
+    zone: nothing it accepts fails later, in the worker or the api."""
+    outcome = convert(f"devices.{unique()}.heartbeat", body)
+    assume(isinstance(outcome, Forward))
+    sent = outcome.message
+    with engine.connect() as conn, conn.begin() as transaction:
+        conn.execute(text("SELECT set_config('TimeZone', :zone, true)"), {"zone": zone})
+        assert store.write_batch(conn, [sent, sent]).inserted == 1
+        row = conn.execute(select(heartbeats).where(heartbeats.c.id == sent.id)).mappings().one()
+        transaction.rollback()
+    assert Heartbeat.model_validate({**row, "metrics": {}}) == sent.model_copy(
+        update={"metrics": {}}
+    )
+    metrics = STORED_METRICS.validate_python(row["metrics"])
+    assert metrics.keys() == sent.metrics.keys()
+    for name, value in sent.metrics.items():
+        if isinstance(value, float):  # jsonb may give a whole float back as an int: same number
+            assert float(metrics[name]) == value, name
+        else:
+            assert metrics[name] == value and type(metrics[name]) is type(value), name
