@@ -229,41 +229,49 @@ def test_a_hostile_device_cannot_hurt_its_neighbour(
     assert set(stored) == expected_b and set(stored.values()) == {1}
 
     # A: no 5xx; each acknowledged message is what the conversion says (a dead letter with its
-    # reason, or stored when valid), and nothing else of A is stored.
+    # reason, or stored when valid), and nothing else of A is stored. (A message the broker
+    # took but whose acknowledgement was lost may end so too: counts lie between what was
+    # acknowledged and what was sent.)
     assert not [s for s in a_http.statuses if s >= 500], a_http.statuses
-    acked = [(w, body) for sent in (a_mqtt, a_http) for w, body, ok in sent.items if ok]
-    assert len(acked) > len(over_mqtt) // 2, "too few of A's messages got through to test"
-    expected_dead: Counter = Counter()
-    expected_stored, filed_under_a = 0, 0
-    for where, body in acked:
+    sent_a = [item for sent in (a_mqtt, a_http) for item in sent.items]
+    acked = sum(ok for _, _, ok in sent_a)
+    assert acked > len(over_mqtt) // 2, "too few of A's messages got through to test"
+    dead: dict[bool, Counter] = {True: Counter(), False: Counter()}  # by acknowledged
+    stored_a, filed_under_a = Counter(), Counter()
+    for where, body, ok in sent_a:
         via_http = where.startswith("/api/")
         reason = expected_outcome(heartbeat_a if via_http else where, body)
         if reason == "stored":
-            expected_stored += 1
+            stored_a[ok] += 1
             continue
-        key = ("http" if via_http else "mqtt", storable_text(where), body, reason)
-        expected_dead[key] += 1
-        filed_under_a += via_http or claimed_device(mqtt_topic(where)) == a.device_id
+        dead[ok][("http" if via_http else "mqtt", storable_text(where), body, reason)] += 1
+        filed_under_a[ok] += via_http or claimed_device(mqtt_topic(where)) == a.device_id
+    may_be_dead = dead[True] + dead[False]
+    reasons = {key[:3]: key[3] for key in may_be_dead}
 
     def all_dead_letters() -> Counter:
-        found = dead_letters_with(engine, [body for _, body in acked])
-        return found if all(found[k] >= n for k, n in expected_dead.items()) else Counter()
+        found = dead_letters_with(engine, [body for _, body, _ in sent_a])
+        return found if all(found[k] >= n for k, n in dead[True].items()) else Counter()
 
-    found = poll(all_dead_letters, timeout=30, what=f"{sum(expected_dead.values())} dead letters")
-    assert all(found[k] == n for k, n in expected_dead.items())
-    assert rejected_count(api, a.device_id) == filed_under_a
-    assert sum(stored_msg_ids(engine, a.device_id).values()) == expected_stored
+    found = poll(all_dead_letters, timeout=30, what=f"{dead[True].total()} dead letters")
+    for key, count in found.items():
+        if key[:3] in reasons:  # one of A's (the same bytes may come from other tests)
+            assert key[3] == reasons[key[:3]], key
+            assert count <= may_be_dead[key], key
+    listed = rejected_count(api, a.device_id)
+    assert filed_under_a[True] <= listed <= filed_under_a.total()
+    stored = stored_msg_ids(engine, a.device_id).total()
+    assert stored_a[True] <= stored <= stored_a.total()
 
     # Nothing restarted, nothing stuck.
     assert {name: apps.component(name).pid() for name in APPS} == pids
     assert all(apps.app_ready(name) for name in APPS)
     poll(lambda: inbox_drained(apps), timeout=30, what="the MQTT inbox empty, nothing unacked")
-    sent_a = len(a_mqtt.items) + len(a_http.items)
     topics = [ok for w, _, ok in a_mqtt.items if w != heartbeat_a]
     print(
-        f"A: {len(acked)} of {sent_a} acknowledged ({sum(topics)} of {len(topics)} hostile "
-        f"topics), {sum(expected_dead.values())} dead "
-        f"letters, {expected_stored} stored, HTTP {dict(a_http.statuses)}; B: "
+        f"A: {acked} of {len(sent_a)} acknowledged ({sum(topics)} of {len(topics)} hostile "
+        f"topics), {dead[True].total()} dead letters, {stored} stored, HTTP "
+        f"{dict(a_http.statuses)}; B: "
         f"{len(expected_b)} stored, the last {latest_stored_after(engine, b.device_id, last_sent)}"
     )
 
