@@ -21,10 +21,11 @@ from api.context import Context, DevicePath, context
 from api.responses import errors, unauthorized
 from gateway import logs, metrics, registry
 from gateway.broker import PublishFailed
+from gateway.convert import heartbeat_from
 from gateway.credentials import token_hash
-from gateway.errors import InputError, Reason
-from gateway.messages import Heartbeat, Rejection, Source, utcnow
-from gateway.payload import MAX_PAYLOAD_BYTES, HeartbeatPayload, parse_payload
+from gateway.errors import InputError, Reason, unforeseen
+from gateway.messages import Rejection, Source, utcnow
+from gateway.payload import MAX_PAYLOAD_BYTES, HeartbeatPayload
 from gateway.topics import DEVICE_ID_RE
 
 log = logging.getLogger(__name__)
@@ -111,18 +112,15 @@ async def accept(
     received_at: datetime,
 ) -> Accepted:
     """An authenticated device's heartbeat: read, parse, forward, and wait for the broker's
-    confirm. Refused input is dead-lettered; every refusal is an HTTPException for the client."""
+    confirm. Refused input is dead-lettered; every refusal is an HTTPException for the client
+    (a 4xx for anything in the body, even what nobody foresaw; a 503 when the broker is away)."""
     raw = b""
     try:
         raw = await read_body(headers, body)
-        heartbeat = Heartbeat.from_payload(device_id, parse_payload(raw), Source.HTTP, received_at)
+        heartbeat = heartbeat_from(device_id, raw, Source.HTTP, received_at)
     except InputError as error:
         error = with_content_type_hint(headers, error)
-        await _dead_letter(ctx, error, raw, device_id, path)
-        raise HTTPException(
-            STATUS_FOR_REASON.get(error.reason, status.HTTP_422_UNPROCESSABLE_CONTENT),
-            error.detail,
-        ) from None
+        raise await _refuse(ctx, error, raw, device_id, path) from None
     try:
         await ctx.forwarder.forward(heartbeat)
     except PublishFailed as exc:
@@ -133,8 +131,21 @@ async def accept(
             "the broker did not confirm the heartbeat; nothing was stored, retry later",
             headers={"Retry-After": "1"},
         ) from None
+    except Exception as exc:  # not the broker: it would fail again, so it is refused
+        error = unforeseen(exc, "a heartbeat over http to forward")
+        raise await _refuse(ctx, error, raw, device_id, path) from None
     RECEIVED_HTTP.inc()
     return Accepted(id=str(heartbeat.id))
+
+
+async def _refuse(
+    ctx: Context, error: InputError, raw: bytes, device_id: str, path: str
+) -> HTTPException:
+    """Dead-letter refused input; the client's answer says why."""
+    await _dead_letter(ctx, error, raw, device_id, path)
+    return HTTPException(
+        STATUS_FOR_REASON.get(error.reason, status.HTTP_422_UNPROCESSABLE_CONTENT), error.detail
+    )
 
 
 class FastIngest:

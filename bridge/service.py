@@ -10,11 +10,13 @@ import aio_pika.abc
 
 from gateway import metrics, topology
 from gateway.broker import Acks, Forwarder, Publisher, PublishFailed, connect
-from gateway.convert import Forward, Ignore, Reject, convert
+from gateway.convert import Forward, Ignore, Outcome, Reject, convert
+from gateway.errors import unforeseen
 from gateway.health import HealthServer, broker_ready
-from gateway.messages import Source
+from gateway.messages import Rejection, Source
 from gateway.service import InFlight, sleep_or_stop
 from gateway.settings import BridgeSettings
+from gateway.topics import mqtt_topic
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +41,7 @@ class Bridge:
         with self.in_flight:
             outcome = convert(message.routing_key or "", message.body)
             try:
-                match outcome:
-                    case Forward(canonical):
-                        assert self._forwarder is not None
-                        await self._forwarder.forward(canonical)
-                        metrics.RECEIVED.labels(Source.MQTT.value).inc()
-                        self._forwarded += 1
-                    case Reject(rejection):
-                        await self._publisher.publish_rejection(rejection)
-                        metrics.REJECTED.labels(Source.MQTT.value, rejection.reason.value).inc()
-                        self._rejected += 1
-                        log.info(
-                            "rejected %s from topic %r: %s",
-                            rejection.reason,
-                            rejection.topic,
-                            rejection.detail,
-                        )
-                    case Ignore(why):
-                        log.debug("ignored %s: %s", message.routing_key, why)
+                await self._send(message, outcome)
             except Exception as exc:
                 # Requeued, never left hanging: an unfinished message would hold back the acks
                 # of every message delivered after it.
@@ -69,6 +54,45 @@ class Bridge:
                 await self.acks.requeue(message)
                 return
             self.acks.done(message)
+
+    async def _send(self, message: aio_pika.abc.AbstractIncomingMessage, outcome: Outcome) -> None:
+        """Forward a canonical message or publish a dead letter; PublishFailed when the broker
+        did not confirm it. A canonical message that cannot be sent for any other reason would
+        fail again on redelivery: it becomes a dead letter (`unexpected_error`) instead."""
+        assert self._publisher is not None and self._forwarder is not None
+        if isinstance(outcome, Forward):
+            try:
+                await self._forwarder.forward(outcome.message)
+            except PublishFailed:
+                raise
+            except Exception as exc:
+                error = unforeseen(exc, "a canonical message to forward")
+                rejection = Rejection.of(
+                    error,
+                    message.body,
+                    Source.MQTT,
+                    device_id=outcome.message.device_id,
+                    topic=mqtt_topic(message.routing_key or ""),
+                    received_at=outcome.message.received_at,
+                )
+                outcome = Reject(rejection)
+            else:
+                metrics.RECEIVED.labels(Source.MQTT.value).inc()
+                self._forwarded += 1
+                return
+        match outcome:
+            case Reject(rejection):
+                await self._publisher.publish_rejection(rejection)
+                metrics.REJECTED.labels(Source.MQTT.value, rejection.reason.value).inc()
+                self._rejected += 1
+                log.info(
+                    "rejected %s from topic %r: %s",
+                    rejection.reason,
+                    rejection.topic,
+                    rejection.detail,
+                )
+            case Ignore(why):
+                log.debug("ignored %s: %s", message.routing_key, why)
 
     async def ready(self) -> dict[str, bool]:
         return {"rabbitmq": broker_ready(self._connection, self._publisher)}

@@ -13,7 +13,7 @@ import aio_pika.abc
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pamqp.commands import Basic
 
-from gateway import topology
+from gateway import frames, topology
 from gateway.messages import (
     CONTENT_TYPE,
     Heartbeat,
@@ -37,7 +37,9 @@ class PublishFailed(RuntimeError):
 async def connect(
     url: str, *, name: str, attempts: int = 10, max_delay: float = 5.0
 ) -> aio_pika.abc.AbstractRobustConnection:
-    """Connect with capped exponential backoff and jitter; robust afterwards (reconnects)."""
+    """Connect with capped exponential backoff and jitter; robust afterwards (reconnects).
+    Frames are decoded whatever bytes they carry (see `gateway.frames`)."""
+    frames.install()
     delay = 0.2
     for attempt in range(1, attempts + 1):
         try:
@@ -175,8 +177,15 @@ class Forwarder:
             await self._publisher.publish_work(
                 items[0] if len(items) == 1 else WorkBatch(items=items)
             )
-        except Exception as exc:  # each waiting caller gets it; none waits for ever
+        except PublishFailed as exc:  # each waiting caller gets it; none waits for ever
             outcome: BaseException | None = exc
+        except Exception as exc:
+            if len(batch) > 1:
+                # Not the broker: one item may be the cause. Each alone, so that it fails
+                # only its own caller, never the other devices' messages it shared a batch with.
+                await asyncio.gather(*(self._publish([one]) for one in batch))
+                return
+            outcome = exc
         else:
             outcome = None
         for _, done in batch:

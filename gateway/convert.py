@@ -1,14 +1,20 @@
-"""What the bridge does with one message from the MQTT inbox, as a plain function."""
+"""What the bridge does with one message from the MQTT inbox, as a plain function; and the
+conversion of a heartbeat body that the api shares with it.
+
+Both are total: they return a canonical message or a rejection, and never raise. An exception
+nobody foresaw becomes a rejection too (reason `unexpected_error`): a message that failed once
+would fail again, so requeueing it would only block the messages behind it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
 
-from gateway.errors import InputError
+from gateway.errors import InputError, unforeseen
 from gateway.messages import Heartbeat, Rejection, Source, StatusReport, utcnow
 from gateway.payload import parse_payload
-from gateway.topics import TopicKind, mqtt_topic, parse_routing_key
+from gateway.topics import TopicKind, claimed_device, mqtt_topic, parse_routing_key
 
 
 @dataclass(frozen=True)
@@ -32,9 +38,9 @@ Outcome = Forward | Reject | Ignore
 
 
 def convert(routing_key: str, body: bytes, received_at: datetime | None = None) -> Outcome:
-    """Turn an MQTT publish (as RabbitMQ delivers it) into a canonical message or a dead letter."""
+    """Turn an MQTT publish (as RabbitMQ delivers it) into a canonical message or a dead letter.
+    Never raises."""
     received_at = received_at or utcnow()
-    device_id = None
     try:
         topic = parse_routing_key(routing_key)
         device_id = topic.device_id
@@ -47,15 +53,31 @@ def convert(routing_key: str, body: bytes, received_at: datetime | None = None) 
                 return Forward(StatusReport.from_payload(device_id, body, Source.MQTT, received_at))
             case TopicKind.COMMANDS:
                 return Ignore(f"commands for {device_id} go to the device, not to the gateway")
-    except InputError as error:
-        return Reject(
-            Rejection.of(
-                error,
-                body,
-                Source.MQTT,
-                device_id=device_id,
-                topic=mqtt_topic(routing_key),
-                received_at=received_at,
-            )
+        raise AssertionError(f"unhandled topic kind {topic.kind!r}")
+    except InputError as refused:
+        error = refused
+    except Exception as exc:
+        error = unforeseen(exc, "an MQTT message")
+    return Reject(
+        Rejection.of(
+            error,
+            body,
+            Source.MQTT,
+            device_id=claimed_device(routing_key),
+            topic=mqtt_topic(routing_key),
+            received_at=received_at,
         )
-    raise AssertionError(f"unhandled topic kind in {routing_key!r}")
+    )
+
+
+def heartbeat_from(
+    device_id: str, body: bytes, source: Source, received_at: datetime | None = None
+) -> Heartbeat:
+    """The heartbeat a body (of a known, valid device) is. Raises `InputError` and nothing
+    else: an exception nobody foresaw becomes one too."""
+    try:
+        return Heartbeat.from_payload(device_id, parse_payload(body), source, received_at)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise unforeseen(exc, f"a heartbeat over {source}") from exc

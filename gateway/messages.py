@@ -8,17 +8,25 @@ worker consumes nothing else. Serialized as JSON: one per AMQP message, or sever
 from __future__ import annotations
 
 import base64
+import json
 import random
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from gateway.errors import InputError, Reason
-from gateway.payload import HeartbeatPayload, MetricValue
+from gateway.errors import InputError, Reason, storable_text, unforeseen
+from gateway.payload import (
+    MAX_INT,
+    HeartbeatPayload,
+    MetricValue,
+    Timestamp,
+    describe_validation_error,
+)
 from gateway.topics import DeviceId
 
 #: Namespace of message ids derived from (device_id, msg_id).
@@ -66,9 +74,9 @@ class Heartbeat(BaseModel):
     id: uuid.UUID
     device_id: DeviceId
     msg_id: str = Field(min_length=1, max_length=160)
-    seq: int | None = None
-    device_ts: datetime | None = None
-    received_at: datetime
+    seq: Annotated[int, Field(ge=0, le=MAX_INT)] | None = None
+    device_ts: Timestamp | None = None
+    received_at: Timestamp
     source: Source
     metrics: dict[str, MetricValue] = Field(default_factory=dict)
 
@@ -102,7 +110,7 @@ class StatusReport(BaseModel):
     id: uuid.UUID = Field(default_factory=uuid.uuid4)
     device_id: DeviceId
     status: Literal[DeviceStatus.ONLINE, DeviceStatus.OFFLINE]
-    received_at: datetime = Field(default_factory=utcnow)
+    received_at: Timestamp = Field(default_factory=utcnow)
     source: Source
 
     @classmethod
@@ -124,6 +132,7 @@ class StatusReport(BaseModel):
 
 
 Canonical = Annotated[Heartbeat | StatusReport, Field(discriminator="kind")]
+CANONICAL = TypeAdapter(Canonical)
 
 #: Canonical messages in one AMQP message: each crossing of the broker costs the same however
 #: many it carries. Acked as one, once every item is stored (or dead-lettered).
@@ -166,6 +175,67 @@ def decode_work(body: bytes) -> list[Heartbeat | StatusReport]:
     return list(message.items) if isinstance(message, WorkBatch) else [message]
 
 
+def read_work(body: bytes) -> tuple[list[Heartbeat | StatusReport], list[Rejection]]:
+    """What the worker makes of a work-queue body, whatever its bytes: the canonical messages
+    it carries, and a dead letter for each part that is not one. Never raises.
+
+    A batch that does not validate as a whole is read item by item: it carries the messages
+    of many devices, and one item that is not canonical (say, from a bridge of another
+    version) must not take the others with it."""
+    try:
+        return decode_work(body), []
+    except Exception as exc:
+        error = _refusal(exc)
+    try:
+        split = _read_items(body)
+    except Exception:  # not even a batch's envelope: the body is one dead letter
+        split = None
+    if split is not None:
+        return split
+    return [], [Rejection.of(error, body, Source.WORK_QUEUE, device_id=_claimed_device(body))]
+
+
+def _read_items(body: bytes) -> tuple[list[Heartbeat | StatusReport], list[Rejection]] | None:
+    """A batch's items one by one, each bad one a dead letter of its own; None if `body` is
+    not a batch's envelope (`{"kind": "batch", "items": [...]}`). Read by the standard
+    library's parser, which takes any JSON (integers of any size, lone surrogates); each item
+    is then validated from its own JSON, as any work message is."""
+    envelope = json.loads(body)
+    if not isinstance(envelope, dict) or envelope.get("kind") != "batch":
+        return None
+    items = envelope.get("items")
+    if not isinstance(items, list) or not items:
+        return None
+    good: list[Heartbeat | StatusReport] = []
+    bad: list[Rejection] = []
+    for item in items:
+        raw = json.dumps(item).encode()  # ASCII: a lone surrogate stays an escape
+        try:
+            good.append(CANONICAL.validate_json(raw))
+        except Exception as exc:
+            device_id = _claimed_device(item)
+            bad.append(Rejection.of(_refusal(exc), raw, Source.WORK_QUEUE, device_id=device_id))
+    return good, bad
+
+
+def _refusal(exc: Exception, what: str = "a work message") -> InputError:
+    if isinstance(exc, ValidationError):
+        return InputError(Reason.INVALID_MESSAGE, describe_validation_error(exc))
+    return unforeseen(exc, what)
+
+
+def _claimed_device(value: bytes | Any) -> str | None:
+    """The device a message that is not canonical names, if any (to find its dead letter by
+    device): the `device_id` of a JSON object."""
+    if isinstance(value, bytes):
+        try:
+            value = orjson.loads(value)
+        except orjson.JSONDecodeError:  # what orjson raises for any input it refuses
+            return None
+    claimed = value.get("device_id") if isinstance(value, dict) else None
+    return claimed if isinstance(claimed, str) else None
+
+
 #: Raw bytes kept with a dead letter; longer payloads are cut (their size is recorded).
 MAX_REJECTED_BYTES = 64 * 1024
 
@@ -181,9 +251,17 @@ class Rejection(BaseModel):
     source: Source
     device_id: str | None = None
     topic: str | None = None
-    received_at: datetime = Field(default_factory=utcnow)
-    size: int
+    received_at: Timestamp = Field(default_factory=utcnow)
+    #: The payload's size before it was cut (a PostgreSQL integer).
+    size: int = Field(ge=0, le=2**31 - 1)
     payload: bytes = Field(max_length=MAX_REJECTED_BYTES)
+
+    @field_validator("detail", "device_id", "topic")
+    @classmethod
+    def _storable(cls, value: str | None) -> str | None:
+        """Whatever text a dead letter carries is stored and shown: never a NUL or a lone
+        surrogate (which PostgreSQL, JSON and AMQP's UTF-8 all refuse)."""
+        return storable_text(value) if value is not None else None
 
     @classmethod
     def of(
@@ -203,7 +281,7 @@ class Rejection(BaseModel):
             device_id=device_id[:200] if device_id else None,
             topic=topic[:500] if topic else None,
             received_at=received_at or utcnow(),
-            size=len(raw),
+            size=min(len(raw), 2**31 - 1),
             payload=raw[:MAX_REJECTED_BYTES],
         )
 
@@ -214,12 +292,27 @@ class Rejection(BaseModel):
 
     @classmethod
     def from_amqp(cls, headers: dict[str, Any], body: bytes) -> Rejection:
+        """The dead letter `headers` describe (raises ValidationError if they do not)."""
         fields = {
             key.removeprefix("x-gateway-").replace("-", "_"): _text(value)
             for key, value in headers.items()
-            if key.startswith("x-gateway-")
+            if isinstance(key, str) and key.startswith("x-gateway-")
         }
         return cls.model_validate({**fields, "payload": body})
+
+
+def read_dead_letter(headers: Any, body: bytes) -> Rejection:
+    """What the worker makes of a message on the dead-letter queue, whatever its headers (of
+    any type) and bytes: the dead letter they describe, or else a dead letter of its own
+    (`invalid_message`, with the body, and the device its headers name). Never raises."""
+    headers = headers if isinstance(headers, Mapping) else {}
+    try:
+        return Rejection.from_amqp(dict(headers), body)
+    except Exception as exc:
+        error = _refusal(exc, "a dead letter")
+    claimed = headers.get("x-gateway-device-id")
+    device_id = claimed if isinstance(claimed, str) else None
+    return Rejection.of(error, body, Source.WORK_QUEUE, device_id=device_id)
 
 
 def show_bytes(payload: bytes) -> str:
@@ -232,4 +325,5 @@ def show_bytes(payload: bytes) -> str:
 
 
 def _text(value: Any) -> Any:
-    return value.decode() if isinstance(value, bytes) else value
+    """A header's value: AMQP long strings that are not UTF-8 arrive as bytes."""
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value

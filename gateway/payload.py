@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -36,6 +37,18 @@ MAX_DEPTH = 4
 MAX_INT = 2**63 - 1
 #: Epoch values at or above this are milliseconds (1e11 s is the year 5138).
 EPOCH_MS_THRESHOLD = 100_000_000_000
+#: The times `ts` may name, both included. Inside them, every time is a Python datetime and a
+#: PostgreSQL timestamptz in UTC and in any session time zone (Python stops at the year 9999,
+#: and a time zone ahead of UTC moves 9999-12-31 past it); a device clock that reads earlier
+#: than 1970 is not set.
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+TS_MIN = EPOCH
+TS_MAX = datetime(9999, 12, 30, tzinfo=UTC)
+TS_RANGE = f"{TS_MIN:%Y-%m-%dT%H:%M:%SZ} to {TS_MAX:%Y-%m-%dT%H:%M:%SZ}"
+_TS_MAX_MS = int(TS_MAX.timestamp()) * 1000
+
+#: A time in `TS_MIN`..`TS_MAX` with its UTC offset: what the canonical messages carry.
+Timestamp = Annotated[AwareDatetime, Field(ge=TS_MIN, le=TS_MAX)]
 
 RESERVED_FIELDS = frozenset({"ts", "seq", "msg_id", "metrics"})
 METRIC_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
@@ -133,16 +146,18 @@ class HeartbeatPayload(BaseModel):
 
 
 def parse_timestamp(value: Any) -> datetime:
-    """RFC 3339 text, or epoch seconds or milliseconds, as an aware UTC datetime."""
+    """RFC 3339 text, or epoch seconds or milliseconds, as an aware UTC datetime within
+    `TS_MIN`..`TS_MAX`; anything else is a ValueError that names `ts`."""
     if isinstance(value, bool):
         raise ValueError("ts must be RFC 3339 text or epoch seconds/milliseconds, not a boolean")
     if isinstance(value, int | float):
-        seconds = value / 1000 if abs(value) >= EPOCH_MS_THRESHOLD else value
-        try:
-            return datetime.fromtimestamp(seconds, UTC)
-        except (OverflowError, OSError, ValueError):
-            raise ValueError(f"ts {value!r} is out of range") from None
-    if isinstance(value, str):
+        # Compared before any arithmetic: an integer of 400 digits fits no float.
+        if not 0 <= value <= _TS_MAX_MS:
+            raise _out_of_range(value)
+        # A timedelta keeps an integer exact (value / 1000 as a float would not).
+        in_ms = value >= EPOCH_MS_THRESHOLD
+        parsed = EPOCH + (timedelta(milliseconds=value) if in_ms else timedelta(seconds=value))
+    elif isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value)
         except ValueError:
@@ -151,8 +166,27 @@ def parse_timestamp(value: Any) -> datetime:
             ) from None
         if parsed.tzinfo is None:
             raise ValueError(f"ts {value[:64]!r} has no UTC offset (add Z or +hh:mm)")
-        return parsed.astimezone(UTC)
-    raise ValueError("ts must be RFC 3339 text or epoch seconds/milliseconds")
+        try:  # 0001-01-01T00:00:00+01:00 is a datetime, but its UTC time is not
+            parsed = parsed.astimezone(UTC)
+        except OverflowError:
+            raise _out_of_range(value) from None
+    else:
+        raise ValueError("ts must be RFC 3339 text or epoch seconds/milliseconds")
+    if not TS_MIN <= parsed <= TS_MAX:
+        raise _out_of_range(value)
+    return parsed
+
+
+def _out_of_range(value: int | float | str) -> ValueError:
+    if isinstance(value, str):
+        shown = repr(value[:64])
+    elif isinstance(value, float):
+        shown = f"{value:.15g}"
+    elif abs(value) < 10**30:
+        shown = str(value)
+    else:  # as a float it would overflow, and as text be too long to read
+        shown = f"(an integer of {value.bit_length()} bits)"
+    return ValueError(f"ts {shown} is out of range: use a time from {TS_RANGE}")
 
 
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

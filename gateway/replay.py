@@ -12,13 +12,11 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from pydantic import ValidationError
 from sqlalchemy import Connection, select, update
 
-from gateway.convert import Forward, Ignore, Reject, convert
+from gateway.convert import Forward, Ignore, Reject, convert, heartbeat_from
 from gateway.errors import InputError, Reason
-from gateway.messages import Heartbeat, Source, StatusReport, WorkBatch, decode_work, utcnow
-from gateway.payload import describe_validation_error, parse_payload
+from gateway.messages import Heartbeat, Source, StatusReport, WorkBatch, read_work, utcnow
 from gateway.queries import rejected_conditions
 from gateway.schema import rejected
 from gateway.topics import mqtt_topic
@@ -79,14 +77,11 @@ def convert_again(entry) -> Heartbeat | StatusReport | WorkBatch:
             case Ignore(why):
                 raise InputError(Reason(entry["reason"]), why)
     if source == Source.HTTP:
-        return Heartbeat.from_payload(
-            entry["device_id"], parse_payload(payload), Source.HTTP, entry["received_at"]
-        )
-    try:
-        items = decode_work(payload)
-    except ValidationError as exc:
-        detail = f"still not a canonical message: {describe_validation_error(exc)}"
-        raise InputError(Reason(entry["reason"]), detail) from None
+        return heartbeat_from(entry["device_id"], payload, Source.HTTP, entry["received_at"])
+    items, invalid = read_work(payload)
+    if invalid or not items:
+        detail = invalid[0].detail if invalid else "no message"
+        raise InputError(Reason(entry["reason"]), f"still not a canonical message: {detail}")
     return items[0] if len(items) == 1 else WorkBatch(items=items)
 
 

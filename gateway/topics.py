@@ -58,6 +58,16 @@ def validate_device_id(device_id: str) -> str:
     return device_id
 
 
+def claimed_device(routing_key: str) -> str | None:
+    """The device a routing key names in its second level, if that is a valid device id,
+    whatever the rest: the broker lets a device publish only under its own id, so a topic
+    that does not parse still tells whose dead letter it is."""
+    parts = mqtt_topic(routing_key).split("/", 2)
+    if len(parts) > 1 and parts[0] == "devices" and DEVICE_ID_RE.fullmatch(parts[1]):
+        return parts[1]
+    return None
+
+
 def parse_routing_key(routing_key: str) -> Topic:
     """Parse an `amq.topic` routing key published by the MQTT plugin."""
     return parse_mqtt_topic(mqtt_topic(routing_key))

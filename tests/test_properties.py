@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+from hostile import routing_keys
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -127,7 +128,7 @@ def test_every_valid_topic_parses(kind: TopicKind, device_id: str) -> None:
 
 
 @SETTINGS
-@given(st.text(max_size=120), st.binary(max_size=2048))
+@given(routing_keys, st.binary(max_size=2048))
 def test_the_bridge_never_raises(key: str, body: bytes) -> None:
     outcome = convert(key, body)
     assert isinstance(outcome, Forward | Reject | Ignore)

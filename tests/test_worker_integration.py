@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import aio_pika
 import pytest
 import redis
+from hostile import SESSION_ZONES, in_range_datetimes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter
@@ -21,7 +22,7 @@ from test_properties import metric_names, metric_values
 from gateway import state, store, topology
 from gateway.broker import Publisher
 from gateway.messages import Heartbeat, Source, StatusReport, WorkBatch
-from gateway.payload import HeartbeatPayload, StoredMetricValue
+from gateway.payload import TS_MAX, TS_MIN, HeartbeatPayload, StoredMetricValue
 from gateway.schema import devices, heartbeats, rejected
 from gateway.settings import WorkerSettings
 from worker.service import Worker
@@ -258,14 +259,18 @@ STORED_METRICS = TypeAdapter(dict[str, StoredMetricValue])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seq=st.none() | st.integers(min_value=0, max_value=2**63 - 1),
-    ts=st.none() | st.datetimes(timezones=st.just(UTC)),
+    ts=st.none() | in_range_datetimes | st.sampled_from([TS_MIN, TS_MAX]),
     msg_id=st.from_regex(r"[\x21-\x7e]{1,128}", fullmatch=True),
     metrics=st.dictionaries(metric_names, metric_values, max_size=20),
+    zone=st.sampled_from(SESSION_ZONES),
 )
-def test_what_is_stored_reads_back_as_sent(engine: Engine, seq, ts, msg_id, metrics) -> None:
+def test_what_is_stored_reads_back_as_sent(engine: Engine, seq, ts, msg_id, metrics, zone) -> None:
+    """Any heartbeat the parser accepts (ts anywhere in its range, in any zone) is stored and
+    read back unchanged, in any session time zone."""
     body = {"seq": seq, "ts": ts and ts.isoformat(), "msg_id": msg_id, "metrics": metrics}
     sent = Heartbeat.from_payload(unique(), HeartbeatPayload.model_validate(body), Source.HTTP)
     with engine.connect() as conn, conn.begin() as transaction:
+        conn.execute(text("SELECT set_config('TimeZone', :zone, true)"), {"zone": zone})
         assert store.write_batch(conn, [sent, sent]).inserted == 1
         row = conn.execute(select(heartbeats).where(heartbeats.c.id == sent.id)).mappings().one()
         transaction.rollback()

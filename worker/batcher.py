@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import aio_pika.abc
 
 from gateway.broker import ITEMS_HEADER
+from gateway.messages import MAX_BATCH_ITEMS
 
 Message = aio_pika.abc.AbstractIncomingMessage
 Flush = Callable[[list[Message]], Awaitable[None]]
@@ -74,6 +75,10 @@ class Batcher:
 
 
 def _weight(message: Message) -> int:
-    """How many canonical messages `message` carries (1 unless its header says more)."""
-    value = (message.headers or {}).get(ITEMS_HEADER, 1)
-    return value if isinstance(value, int) and value > 0 else 1
+    """How many canonical messages `message` carries: what its header says, as a whole number
+    from 1 to a batch's most, and 1 when the header is absent or anything else."""
+    headers = message.headers
+    value = headers.get(ITEMS_HEADER) if isinstance(headers, dict) else None
+    if type(value) is not int:  # not a bool, a float, text, bytes, a table...
+        return 1
+    return min(max(value, 1), MAX_BATCH_ITEMS)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import random
 import time
@@ -15,7 +14,6 @@ from dataclasses import dataclass, field
 
 import aio_pika.abc
 import redis
-from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -29,11 +27,11 @@ from gateway.messages import (
     Rejection,
     Source,
     StatusReport,
-    decode_work,
     encode_work,
+    read_dead_letter,
+    read_work,
     utcnow,
 )
-from gateway.payload import describe_validation_error
 from gateway.service import sleep_or_stop
 from gateway.settings import WorkerSettings
 from worker.batcher import Batcher, Message
@@ -99,15 +97,9 @@ class Worker:
         items: list[Heartbeat | StatusReport] = []
         invalid: list[Rejection] = []
         for message in messages:
-            try:
-                items.extend(decode_work(message.body))
-            except ValidationError as exc:
-                error = InputError(Reason.INVALID_MESSAGE, describe_validation_error(exc))
-                invalid.append(
-                    Rejection.of(
-                        error, message.body, Source.WORK_QUEUE, device_id=_claimed_device(message)
-                    )
-                )
+            good, bad = read_work(message.body)
+            items.extend(good)
+            invalid.extend(bad)
         result = await self._store(items, invalid)
         if result is None:
             return  # shutting down with the database away: unacked messages are redelivered
@@ -326,13 +318,7 @@ class Worker:
     # ---- dead letters ---------------------------------------------------------------------
 
     async def flush_rejected(self, messages: list[Message]) -> None:
-        rejections = []
-        for message in messages:
-            try:
-                rejections.append(Rejection.from_amqp(dict(message.headers or {}), message.body))
-            except ValidationError as exc:
-                error = InputError(Reason.INVALID_MESSAGE, describe_validation_error(exc))
-                rejections.append(Rejection.of(error, message.body, Source.WORK_QUEUE))
+        rejections = [read_dead_letter(message.headers, message.body) for message in messages]
 
         def write() -> store.RejectionsWritten:
             with self.engine.begin() as conn:
@@ -429,11 +415,3 @@ def _refused_as_disabled(message: Heartbeat | StatusReport) -> Rejection:
         received_at=message.received_at,
     )
     return rejection.model_copy(update={"id": uuid.uuid5(DISABLED_NAMESPACE, str(message.id))})
-
-
-def _claimed_device(message: Message) -> str | None:
-    """The device a malformed work message names, if any (for filtering dead letters)."""
-    with contextlib.suppress(ValueError):
-        claimed = json.loads(message.body).get("device_id")
-        return claimed if isinstance(claimed, str) else None
-    return None
