@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 #: How many canonical messages a work message carries (read by the worker to size batches).
 ITEMS_HEADER = "x-gateway-items"
+#: The largest work message the Forwarder publishes: under the broker's `max_message_size`
+#: (rabbitmq.conf, 256 KiB) with room for the properties, and over the largest heartbeat.
+MAX_WORK_MESSAGE_BYTES = 192 * 1024
 
 
 class PublishFailed(RuntimeError):
@@ -82,12 +85,15 @@ class Publisher:
         publisher._rejected = await channel.get_exchange(topology.REJECTED_EXCHANGE, ensure=False)
         return publisher
 
-    async def publish_work(self, message: Heartbeat | StatusReport | WorkBatch) -> None:
+    async def publish_work(
+        self, message: Heartbeat | StatusReport | WorkBatch, body: bytes | None = None
+    ) -> None:
+        """Publish a work message (`body`: its encoding, when the caller has it already)."""
         batch = isinstance(message, WorkBatch)
         await self._publish(
             self._work,
             aio_pika.Message(
-                encode_work(message),
+                encode_work(message) if body is None else body,
                 headers={ITEMS_HEADER: len(message.items)} if batch else None,
                 content_type=CONTENT_TYPE,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -174,9 +180,15 @@ class Forwarder:
     async def _publish(self, batch: list[tuple[Heartbeat | StatusReport, asyncio.Future]]) -> None:
         items = [item for item, _ in batch]
         try:
-            await self._publisher.publish_work(
-                items[0] if len(items) == 1 else WorkBatch(items=items)
-            )
+            message = items[0] if len(items) == 1 else WorkBatch(items=items)
+            body = encode_work(message)
+            if len(body) > MAX_WORK_MESSAGE_BYTES and len(batch) > 1:
+                # The broker refuses big messages: two halves instead, each confirmed for the
+                # callers whose items it carries.
+                half = len(batch) // 2
+                await asyncio.gather(self._publish(batch[:half]), self._publish(batch[half:]))
+                return
+            await self._publisher.publish_work(message, body)
         except PublishFailed as exc:  # each waiting caller gets it; none waits for ever
             outcome: BaseException | None = exc
         except Exception as exc:

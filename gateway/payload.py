@@ -222,11 +222,8 @@ _STRICT_JSON = json.JSONDecoder(
 
 
 def decode_json(raw: bytes) -> Any:
-    """Strict JSON: UTF-8, no NaN/Infinity, no duplicate keys, bounded nesting."""
-    if len(raw) > MAX_PAYLOAD_BYTES:
-        raise InputError(
-            Reason.TOO_LARGE, f"payload is {len(raw)} bytes; the limit is {MAX_PAYLOAD_BYTES}"
-        )
+    """Strict JSON: UTF-8, no NaN/Infinity, no duplicate keys, bounded nesting (the caller has
+    checked the size)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -250,6 +247,10 @@ def decode_json(raw: bytes) -> Any:
 
 def parse_payload(raw: bytes) -> HeartbeatPayload:
     """Parse a heartbeat body. Raises `InputError` (never anything else) when it is invalid."""
+    if len(raw) > MAX_PAYLOAD_BYTES:  # first: 70 KB of blanks is not an empty heartbeat
+        raise InputError(
+            Reason.TOO_LARGE, f"payload is {len(raw)} bytes; the limit is {MAX_PAYLOAD_BYTES}"
+        )
     if not raw.strip():
         return HeartbeatPayload()
     data = decode_json(raw)

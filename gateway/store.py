@@ -390,10 +390,10 @@ def write_rejections(
             "id": r.id,
             "received_at": r.received_at,
             "reason": r.reason,
-            "detail": _storable(r.detail),
+            "detail": r.detail,
             "source": r.source,
-            "device_id": _storable(r.device_id),
-            "topic": _storable(r.topic),
+            "device_id": r.device_id,
+            "topic": r.topic,
             "size": r.size,
             "payload": base64.b64encode(r.payload).decode(),
         }
@@ -407,14 +407,6 @@ def write_rejections(
         else:
             written.over_cap[source] = count
     return written
-
-
-def _storable(value: str | None) -> str | None:
-    """Text PostgreSQL can hold: a NUL becomes U+FFFD and a lone surrogate `?`, so a dead
-    letter is stored whatever its text, instead of failing its whole batch."""
-    if value is None or (value.isprintable() and value.isascii()):
-        return value
-    return value.encode("utf-8", "replace").decode().replace("\x00", "\ufffd")
 
 
 def iter_states(conn: Connection, page_size: int = 5000) -> Iterator[list[DeviceState]]:

@@ -332,7 +332,11 @@ def corpus(name: str) -> list[dict[str, Any]]:
 
 
 def corpus_bytes(entry: dict[str, Any], field: str = "body") -> bytes:
-    """An entry's bytes: `<field>` as UTF-8 text, or `<field>_base64` when it is not text."""
+    """An entry's bytes: `<field>` as UTF-8 text, `<field>_base64` when it is not text, or
+    `<field>_repeat` (`[text, count]`) when it is long."""
+    if f"{field}_repeat" in entry:
+        text, count = entry[f"{field}_repeat"]
+        return (text * count).encode("utf-8")
     if f"{field}_base64" in entry:
         return base64.b64decode(entry[f"{field}_base64"])
     return entry[field].encode("utf-8", "surrogatepass")

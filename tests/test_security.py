@@ -359,3 +359,25 @@ def test_production_refuses_weak_secrets_of_any_kind(field: str, value, variable
     ApiSettings(**strong)
     with pytest.raises(ValueError, match=variable):
         ApiSettings(**{**strong, field: value})
+
+
+def test_the_broker_refuses_a_message_too_big_and_the_rest_flow(
+    apps: LocalStack, api: httpx.Client, register
+) -> None:
+    """Over the broker's limit: refused (no PUBACK), nothing stored. Over a heartbeat's 16 KiB
+    but under the limit: a dead letter, its first 64 KiB kept. Another device never notices."""
+    a, b = register("big"), register("small")
+    session = connect(apps, a)
+    try:
+        assert not session.publish(f"devices/{a.device_id}/heartbeat", b" " * 300_000)
+    finally:
+        session.close()
+    session = connect(apps, a)
+    try:
+        assert session.publish(f"devices/{a.device_id}/heartbeat", b" " * 70_000)
+    finally:
+        session.close()
+    dead = poll(lambda: rejected(api, a.device_id, "too_large"), what="the too_large dead letter")
+    assert [(d["size"], len(d["payload"])) for d in dead] == [(70_000, 64 * 1024)]
+    assert [h["msg_id"] for h in beat_and_wait(apps, api, b, 1)] == ["marker-1"]
+    assert history(api, a.device_id) == []
