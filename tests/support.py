@@ -131,3 +131,31 @@ def publish_acked(client: Any, topic: str, body: bytes) -> bool:
     except (RuntimeError, ValueError):
         return False
     return info.is_published()
+
+
+def assert_stored_as_sent(engine: Any, sent: Any, zone: str) -> None:
+    """Store heartbeat `sent` twice (one row), read it back in session time zone `zone`, and
+    find it as it was sent (a whole float may come back from jsonb as an int: the same number).
+    Nothing is kept (the transaction is rolled back)."""
+    from pydantic import TypeAdapter
+    from sqlalchemy import select, text
+
+    from gateway import store
+    from gateway.messages import Heartbeat
+    from gateway.payload import StoredMetricValue
+    from gateway.schema import heartbeats
+
+    with engine.connect() as conn, conn.begin() as transaction:
+        conn.execute(text("SELECT set_config('TimeZone', :zone, true)"), {"zone": zone})
+        assert store.write_batch(conn, [sent, sent]).inserted == 1
+        row = conn.execute(select(heartbeats).where(heartbeats.c.id == sent.id)).mappings().one()
+        transaction.rollback()
+    got = Heartbeat.model_validate({**row, "metrics": {}})
+    assert got == sent.model_copy(update={"metrics": {}})
+    metrics = TypeAdapter(dict[str, StoredMetricValue]).validate_python(row["metrics"])
+    assert metrics.keys() == sent.metrics.keys()
+    for name, value in sent.metrics.items():
+        if isinstance(value, float):
+            assert float(metrics[name]) == value, name
+        else:
+            assert metrics[name] == value and type(metrics[name]) is type(value), name

@@ -170,13 +170,10 @@ def test_maintenance_makes_partitions_ahead_and_drops_expired(engine: Engine) ->
     assert (again.created, again.dropped) == ([], [])
 
 
-def test_maintain_command(stack) -> None:
-    env = {
-        **os.environ,
-        "GATEWAY_DATABASE_URL": stack.database_url,
-        "GATEWAY_RETENTION_DAYS": "30",
-        "GATEWAY_PARTITIONS_AHEAD_DAYS": "4",
-    }
+def run_maintain(stack, **settings: str) -> subprocess.CompletedProcess[str]:
+    """`gateway maintain` on the test stack's database, with these `GATEWAY_*` settings."""
+    env = {**os.environ, "GATEWAY_DATABASE_URL": stack.database_url}
+    env.update({f"GATEWAY_{name.upper()}": value for name, value in settings.items()})
     done = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "maintain"],
         env=env,
@@ -185,6 +182,11 @@ def test_maintain_command(stack) -> None:
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_maintain_command(stack) -> None:
+    done = run_maintain(stack, retention_days="30", partitions_ahead_days="4")
     assert done.stdout.startswith("partitions created:"), done.stdout
 
 

@@ -5,9 +5,6 @@ their period are deleted in batches, one run at a time, by the worker's maintena
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -15,6 +12,7 @@ import pytest
 from alembic import command
 from sqlalchemy import Engine, create_engine, func, select, text
 from support import apoll, serving, unique
+from test_partitions import run_maintain
 from test_worker_integration import worker_for
 
 from gateway import retention
@@ -141,20 +139,7 @@ def test_the_worker_applies_retention(vhost: str, stack, engine: Engine) -> None
 def test_maintain_command_reports_what_it_deleted(stack, engine: Engine) -> None:
     device = unique()
     age(engine, device, [50, 1])
-    env = {
-        **os.environ,
-        "GATEWAY_DATABASE_URL": stack.database_url,
-        "GATEWAY_DEAD_LETTER_RETENTION_DAYS": "30",
-        "GATEWAY_EVENT_RETENTION_DAYS": "0",
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "maintain"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_maintain(stack, dead_letter_retention_days="30", event_retention_days="0")
     lines = done.stdout.splitlines()
     assert lines[0].startswith("partitions created:"), done.stdout
     assert lines[1].startswith("deleted: ") and lines[1].endswith(" 0 status events"), lines[1]

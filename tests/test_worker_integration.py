@@ -14,15 +14,14 @@ import redis
 from hostile import SESSION_ZONES, in_range_datetimes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import TypeAdapter
 from sqlalchemy import Engine, func, select, text
-from support import apoll, serving, unique
+from support import apoll, assert_stored_as_sent, serving, unique
 from test_properties import metric_names, metric_values
 
 from gateway import state, store, topology
 from gateway.broker import Publisher
 from gateway.messages import Heartbeat, Source, StatusReport, WorkBatch
-from gateway.payload import TS_MAX, TS_MIN, HeartbeatPayload, StoredMetricValue
+from gateway.payload import TS_MAX, TS_MIN, HeartbeatPayload
 from gateway.schema import devices, heartbeats, rejected
 from gateway.settings import WorkerSettings
 from worker.service import Worker
@@ -253,9 +252,6 @@ def test_a_batch_message_is_stored_item_by_item(vhost: str, stack, engine: Engin
     assert count_rows(engine, device) == 41
 
 
-STORED_METRICS = TypeAdapter(dict[str, StoredMetricValue])
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seq=st.none() | st.integers(min_value=0, max_value=2**63 - 1),
@@ -269,20 +265,7 @@ def test_what_is_stored_reads_back_as_sent(engine: Engine, seq, ts, msg_id, metr
     read back unchanged, in any session time zone."""
     body = {"seq": seq, "ts": ts and ts.isoformat(), "msg_id": msg_id, "metrics": metrics}
     sent = Heartbeat.from_payload(unique(), HeartbeatPayload.model_validate(body), Source.HTTP)
-    with engine.connect() as conn, conn.begin() as transaction:
-        conn.execute(text("SELECT set_config('TimeZone', :zone, true)"), {"zone": zone})
-        assert store.write_batch(conn, [sent, sent]).inserted == 1
-        row = conn.execute(select(heartbeats).where(heartbeats.c.id == sent.id)).mappings().one()
-        transaction.rollback()
-    got = Heartbeat.model_validate({**row, "metrics": {}})
-    assert got == sent.model_copy(update={"metrics": {}})
-    metrics = STORED_METRICS.validate_python(row["metrics"])
-    assert metrics.keys() == sent.metrics.keys()
-    for name, value in sent.metrics.items():
-        if isinstance(value, float):  # jsonb may give a whole float back as an int: same number
-            assert float(metrics[name]) == value, name
-        else:
-            assert metrics[name] == value and type(metrics[name]) is type(value), name
+    assert_stored_as_sent(engine, sent, zone)
 
 
 def test_the_worker_logs_a_summary_not_every_batch(stack, caplog) -> None:

@@ -241,26 +241,27 @@ class Worker:
         letters and status events deleted after theirs. Now and then every
         `maintenance_period_s` (any worker may; one at a time)."""
         s = self.settings
+        tasks = {
+            "partition maintenance": functools.partial(
+                partitions.run,
+                self.engine,
+                ahead_days=s.partitions_ahead_days,
+                retention_days=s.retention_days,
+            ),
+            "retention": functools.partial(
+                retention.run,
+                self.engine,
+                dead_letter_days=s.dead_letter_retention_days,
+                event_days=s.event_retention_days,
+                keep_going=lambda: not stop.is_set(),
+            ),
+        }
         while not stop.is_set():
-            try:
-                await asyncio.to_thread(
-                    partitions.run,
-                    self.engine,
-                    ahead_days=s.partitions_ahead_days,
-                    retention_days=s.retention_days,
-                )
-            except SQLAlchemyError as exc:
-                log.warning("partition maintenance failed (%s); will retry", short_error(exc))
-            try:
-                await asyncio.to_thread(
-                    retention.run,
-                    self.engine,
-                    dead_letter_days=s.dead_letter_retention_days,
-                    event_days=s.event_retention_days,
-                    keep_going=lambda: not stop.is_set(),
-                )
-            except SQLAlchemyError as exc:
-                log.warning("retention failed (%s); will retry", short_error(exc))
+            for what, task in tasks.items():
+                try:
+                    await asyncio.to_thread(task)
+                except SQLAlchemyError as exc:
+                    log.warning("%s failed (%s); will retry", what, short_error(exc))
             await sleep_or_stop(stop, s.maintenance_period_s)
 
     def _rebuild(self) -> None:
