@@ -138,8 +138,9 @@ def test_no_cap_keeps_everything(engine: Engine) -> None:
     assert list(stored(engine, device, hour)) == ["not_json"]
 
 
-def test_text_postgresql_cannot_hold_is_stored_replaced(engine: Engine) -> None:
-    """A NUL or a lone surrogate in a dead letter's text would fail its whole batch."""
+def test_text_postgresql_cannot_hold_is_stored_escaped(engine: Engine) -> None:
+    """A NUL or a lone surrogate in a dead letter's text would fail its whole batch: they are
+    written as escapes, so what was there is still readable."""
     hour = fresh_hour()
     device = unique()
     odd = Rejection.of(
@@ -153,7 +154,7 @@ def test_text_postgresql_cannot_hold_is_stored_replaced(engine: Engine) -> None:
     assert write(engine, [odd, *flood(device, 2, hour)], cap=10).kept == 3
     with engine.connect() as conn:
         row = conn.execute(select(rejected).where(rejected.c.id == odd.id)).mappings().one()
-    assert (row["detail"], row["topic"]) == ("bad \ufffd byte", "devices/?/heartbeat")
+    assert (row["detail"], row["topic"]) == ("bad \\x00 byte", "devices/\\ud800/heartbeat")
     assert bytes(row["payload"]) == b"\x00"
 
 

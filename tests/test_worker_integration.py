@@ -20,7 +20,7 @@ from test_properties import metric_names, metric_values
 
 from gateway import state, store, topology
 from gateway.broker import Publisher
-from gateway.messages import Heartbeat, Source, StatusReport, WorkBatch
+from gateway.messages import Heartbeat, Source, StatusReport, WorkBatch, utcnow
 from gateway.payload import TS_MAX, TS_MIN, HeartbeatPayload
 from gateway.schema import devices, heartbeats, rejected
 from gateway.settings import WorkerSettings
@@ -123,7 +123,12 @@ def test_device_state_moves_forward_and_is_mirrored(
     vhost: str, stack, engine: Engine, redis_client: redis.Redis
 ) -> None:
     device = unique()
-    beats = [beat(device, f"m-{i}", T0 + timedelta(seconds=i), cpu=float(i)) for i in range(1, 4)]
+    # Received moments ago: a deadline already past would let the sweeper turn the device
+    # offline (reason timeout) before its own status report arrives.
+    start = utcnow() - timedelta(seconds=10)
+    beats = [
+        beat(device, f"m-{i}", start + timedelta(seconds=i), cpu=float(i)) for i in range(1, 4)
+    ]
 
     async def scenario() -> None:
         async with await aio_pika.connect_robust(vhost) as conn:
