@@ -11,7 +11,10 @@ import pytest
 from sqlalchemy import Engine, text
 from support import Device, history, mqtt_session, poll, publish_acked
 
+from gateway import store
+from gateway.errors import InputError, Reason
 from gateway.localstack import LocalStack
+from gateway.messages import Rejection, Source
 
 pytestmark = pytest.mark.e2e
 
@@ -109,8 +112,63 @@ def test_replay_puts_fixed_entries_back_and_marks_them(
     )
     assert [h["msg_id"] for h in stored] == ["r-1"]
     after = {e["reason"]: e for e in dead(api, device_id=device.device_id)["items"]}
+    # Stored with the time the bridge received it, which its dead letter kept.
+    (unstorable,) = [e for e in entries if e["reason"] == "unstorable"]
+    assert at(stored[0]["received_at"]) == at(unstorable["received_at"])
+    assert at(unstorable["received_at"]) < at(after["unstorable"]["replayed_at"])
     assert after["unstorable"]["replayed_at"] is not None
     assert after["not_json"]["replayed_at"] is None
     again = gateway("replay")
     assert "replayed 0, still invalid 1" in again.stdout
     assert "garbage" in gateway("list").stdout
+
+
+def at(text_: str) -> datetime:
+    return datetime.fromisoformat(text_)
+
+
+def test_replay_keeps_the_original_receive_time(
+    apps: LocalStack, api, device: Device, engine: Engine
+) -> None:
+    """Dead letters of both transports, received hours ago and valid today (as if an older
+    version had refused them): replayed, each is stored with its own receive time, source and
+    bytes, not the replay's."""
+    hours_ago = datetime.now(UTC).replace(microsecond=123456) - timedelta(hours=5)
+    letters = [
+        Rejection.of(
+            InputError(Reason.INVALID_FIELD, "refused by an older version"),
+            b'{"msg_id": "old-mqtt", "seq": 1, "cpu": 1.5}',
+            Source.MQTT,
+            device_id=device.device_id,
+            topic=f"devices/{device.device_id}/heartbeat",
+            received_at=hours_ago,
+        ),
+        Rejection.of(
+            InputError(Reason.INVALID_FIELD, "refused by an older version"),
+            b'{"msg_id": "old-http", "seq": 2, "cpu": 2.5}',
+            Source.HTTP,
+            device_id=device.device_id,
+            topic=f"/api/v1/devices/{device.device_id}/heartbeats",
+            received_at=hours_ago + timedelta(minutes=1),
+        ),
+    ]
+    with engine.begin() as conn:
+        assert store.write_rejections(conn, letters).kept == 2
+    done = subprocess.run(
+        [GATEWAY, "rejected", "replay", "--device", device.device_id],
+        env=apps.env("api"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "replayed 2, still invalid 0" in done.stdout, done.stdout + done.stderr
+    stored = poll(
+        lambda: len(h := history(api, device.device_id)) == 2 and h,
+        what="the replayed heartbeats stored",
+    )
+    got = {h["msg_id"]: (at(h["received_at"]), h["source"], h["metrics"]) for h in stored}
+    assert got == {
+        "old-mqtt": (hours_ago, "mqtt", {"cpu": 1.5}),
+        "old-http": (hours_ago + timedelta(minutes=1), "http", {"cpu": 2.5}),
+    }

@@ -4,8 +4,11 @@ bad messages. Each test has its own vhost and device ids."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import aio_pika
@@ -19,12 +22,12 @@ from support import apoll, assert_stored_as_sent, serving, unique
 from test_properties import metric_names, metric_values
 
 from gateway import state, store, topology
-from gateway.broker import Publisher
-from gateway.messages import Heartbeat, Source, StatusReport, WorkBatch, utcnow
+from gateway.broker import ITEMS_HEADER, Publisher
+from gateway.messages import Heartbeat, Source, StatusReport, WorkBatch, encode_work, utcnow
 from gateway.payload import TS_MAX, TS_MIN, HeartbeatPayload
 from gateway.schema import devices, heartbeats, rejected
 from gateway.settings import WorkerSettings
-from worker.service import Worker
+from worker.service import MAX_ATTEMPTS, Worker
 
 pytestmark = pytest.mark.integration
 
@@ -255,6 +258,135 @@ def test_a_batch_message_is_stored_item_by_item(vhost: str, stack, engine: Engin
 
     asyncio.run(scenario())
     assert count_rows(engine, device) == 41
+
+
+@contextlib.contextmanager
+def refused_by_the_database(engine: Engine, device: str, msg_id: str) -> Iterator[Callable]:
+    """A trigger that makes PostgreSQL refuse one heartbeat (a check violation, as a constraint
+    the worker does not expect would) and counts every attempt to insert it, in a sequence:
+    its count survives the rollback of the transaction that tried. Yields the count."""
+    name = f"test_refuse_{uuid.uuid4().hex[:12]}"
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE SEQUENCE {name}"))
+        conn.execute(
+            text(
+                f"""
+                CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                  IF NEW.device_id = '{device}' AND NEW.msg_id = '{msg_id}' THEN
+                    PERFORM nextval('{name}');
+                    RAISE EXCEPTION 'refused by {name}' USING ERRCODE = 'check_violation';
+                  END IF;
+                  RETURN NEW;
+                END $$
+                """
+            )
+        )
+        conn.execute(
+            text(
+                f"CREATE TRIGGER {name} BEFORE INSERT ON heartbeats "
+                f"FOR EACH ROW EXECUTE FUNCTION {name}()"
+            )
+        )
+
+    def attempts() -> int:
+        with engine.connect() as conn:
+            called = conn.scalar(text(f"SELECT is_called FROM {name}"))
+            return conn.scalar(text(f"SELECT last_value FROM {name}")) if called else 0
+
+    try:
+        yield attempts
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP TRIGGER {name} ON heartbeats"))
+            conn.execute(text(f"DROP FUNCTION {name}()"))
+            conn.execute(text(f"DROP SEQUENCE {name}"))
+
+
+def test_a_message_the_database_refuses_is_retried_three_times_then_dead_lettered(
+    vhost: str, stack, engine: Engine
+) -> None:
+    """Tried in its batch, then alone `MAX_ATTEMPTS` (3) times: four attempts, counted by the
+    database itself; then one dead letter `unstorable` with the database's words, the message
+    acked, and the messages behind it stored."""
+    device = unique()
+    poison = beat(device, "m-1", T0, cpu=1.0)
+    behind = [beat(device, f"m-{i}", T0 + timedelta(seconds=i), cpu=i) for i in range(2, 6)]
+
+    async def scenario(attempts: Callable[[], int]) -> None:
+        async with await aio_pika.connect_robust(vhost) as conn:
+            publisher = await open_publisher(conn)
+            for hb in (poison, *behind):
+                await publisher.publish_work(hb)
+            async with serving(worker_for(vhost, stack, worker_linger_ms=200)):
+                await apoll(lambda: _rejected(engine, device), what="the dead letter")
+                await apoll(lambda: count_rows(engine, device) == 4, what="the 4 behind it")
+            assert attempts() == 1 + MAX_ATTEMPTS
+            channel = await conn.channel()
+            work = await channel.declare_queue(topology.WORK_QUEUE, durable=True, passive=True)
+            assert work.declaration_result.message_count == 0  # acked, not requeued
+
+    with refused_by_the_database(engine, device, poison.msg_id) as attempts:
+        asyncio.run(scenario(attempts))
+    assert MAX_ATTEMPTS == 3  # what the documentation says
+    (dead,) = _rejected(engine, device)
+    assert dead.reason == "unstorable"
+    assert dead.detail.startswith("refused 3 times by the database: ")
+    assert "refused by test_refuse_" in dead.detail
+    assert json.loads(dead.payload)["msg_id"] == "m-1"
+
+
+def test_a_bad_item_in_a_work_message_is_dead_lettered_alone(
+    vhost: str, stack, engine: Engine
+) -> None:
+    """One work message carrying six items, as the bridge and the api send them: one that is
+    not a canonical message, one the database refuses. Each is a dead letter of its own; the
+    four others, of four devices, are stored; the message is acked once."""
+    devices_ = [unique() for _ in range(4)]
+    good = [beat(d, f"g-{i}", T0 + timedelta(seconds=i), cpu=i) for i, d in enumerate(devices_)]
+    refused = beat(devices_[0], "refused-1", T0, cpu=9.0)
+    body = json.loads(encode_work(WorkBatch(items=[good[0], refused, *good[1:]])))
+    not_canonical = {"kind": "heartbeat", "device_id": devices_[1], "msg_id": "no-id"}
+    body["items"].insert(2, not_canonical)
+
+    async def scenario() -> None:
+        async with await aio_pika.connect_robust(vhost) as conn:
+            channel = await conn.channel()
+            await topology.declare(channel)
+            exchange = await channel.get_exchange(topology.WORK_EXCHANGE)
+            await exchange.publish(
+                aio_pika.Message(json.dumps(body).encode(), headers={ITEMS_HEADER: 6}),
+                topology.BATCH_ROUTING_KEY,
+            )
+            async with serving(worker_for(vhost, stack)):
+                await apoll(
+                    lambda: sum(count_rows(engine, d) for d in devices_) == 4, what="4 rows"
+                )
+                await apoll(
+                    lambda: (
+                        len(_rejected(engine, devices_[0]) + _rejected(engine, devices_[1])) == 2
+                    ),
+                    what="2 dead letters",
+                )
+            work = await channel.declare_queue(topology.WORK_QUEUE, durable=True, passive=True)
+            assert work.declaration_result.message_count == 0
+
+    with refused_by_the_database(engine, refused.device_id, refused.msg_id):
+        asyncio.run(scenario())
+    assert [count_rows(engine, d) for d in devices_] == [1, 1, 1, 1]
+    dead = {r.reason: r for r in _rejected(engine, devices_[0]) + _rejected(engine, devices_[1])}
+    assert set(dead) == {"invalid_message", "unstorable"}
+    assert json.loads(dead["unstorable"].payload)["msg_id"] == "refused-1"
+    assert dead["unstorable"].device_id == devices_[0]
+    assert json.loads(dead["invalid_message"].payload) == not_canonical
+    assert dead["invalid_message"].device_id == devices_[1]
+    with engine.connect() as conn:
+        seen = conn.execute(
+            select(devices.c.device_id, devices.c.last_seen).where(
+                devices.c.device_id.in_(devices_)
+            )
+        ).all()
+    assert {d: at for d, at in seen} == {b.device_id: b.received_at for b in good}
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

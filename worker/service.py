@@ -164,7 +164,13 @@ class Worker:
                 )
                 raw = item.model_dump_json().encode()
                 invalid.append(
-                    Rejection.of(error, raw, Source.WORK_QUEUE, device_id=item.device_id)
+                    Rejection.of(
+                        error,
+                        raw,
+                        Source.WORK_QUEUE,
+                        device_id=item.device_id,
+                        received_at=item.received_at,  # when its device sent it: replay keeps it
+                    )
                 )
         return store.BatchResult()
 
