@@ -207,13 +207,25 @@ class Worker:
             self._needs_rebuild = True
 
     async def _keep_mirror(self, stop: asyncio.Event, every_s: float = 1.0) -> None:
-        """Rebuild the whole mirror from PostgreSQL: at start when Redis lacks it, and as soon
-        as Redis is back after skipped writes. Off the batch path: batches go on meanwhile
-        (writes are versioned, so neither overwrites the other's newer state)."""
+        """Rebuild the whole mirror from PostgreSQL whenever Redis lacks it: at start, as soon
+        as Redis is back after skipped writes, and when Redis came back empty (a restart keeps
+        nothing on disk; a flush) though no write failed meanwhile, as while devices are quiet:
+        its rebuilt mark is gone. Off the batch path: batches go on meanwhile (writes are
+        versioned, so neither overwrites the other's newer state)."""
         while not stop.is_set():
-            if self._needs_rebuild and self.breaker.allow():
-                await asyncio.to_thread(self._rebuild)
+            if self.breaker.allow():
+                if not self._needs_rebuild:
+                    rebuilt = await asyncio.to_thread(self._mirror_marked)
+                    self._needs_rebuild = rebuilt is False
+                if self._needs_rebuild:
+                    await asyncio.to_thread(self._rebuild)
             await sleep_or_stop(stop, every_s)
+
+    def _mirror_marked(self) -> bool | None:
+        """Whether Redis holds a rebuilt mirror (one EXISTS); None when Redis is away."""
+        return self.breaker.call(
+            lambda: state.is_rebuilt(self.redis), service="worker", skipped="mirror not checked"
+        )
 
     async def _watch_queues(self, stop: asyncio.Event, every_s: float = 5.0) -> None:
         """Consumer lag: how many messages wait in each queue (a passive declare; ready
