@@ -128,7 +128,8 @@ async def accept(
         log.warning("heartbeat from %s not accepted: %s", device_id, exc)
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
-            "the broker did not confirm the heartbeat; nothing was stored, retry later",
+            "the broker did not confirm the heartbeat; retry later (with the same msg_id it is "
+            "stored once)",
             headers={"Retry-After": "1"},
         ) from None
     except Exception as exc:  # not the broker: it would fail again, so it is refused
