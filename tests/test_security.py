@@ -8,6 +8,7 @@ network) tries, and what the gateway must answer.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import stat
 import subprocess
@@ -17,10 +18,12 @@ import httpx
 import psycopg2
 import pytest
 from aiormq.exceptions import AMQPError
+from sqlalchemy import text
 from support import Device, history, poll, unique
 from test_access import Session, beat_and_wait, connect
 
 from gateway import accounts
+from gateway.credentials import token_hash
 from gateway.localstack import LocalStack
 from gateway.settings import ApiSettings, BridgeSettings, weak_secret
 
@@ -309,6 +312,71 @@ def test_a_device_registered_a_moment_ago_is_known_at_once(apps: LocalStack, reg
     session = connect(apps, fresh)
     assert session.accepted
     session.close()
+
+
+# ---- tokens at rest -----------------------------------------------------------------------------
+
+
+def holding(engine, redis_client, secrets_: list[str]) -> list[str]:
+    """Where PostgreSQL (every table of the schema, as text and as bytes) or Redis (every key
+    and value) holds any of these texts."""
+    found = []
+    with engine.connect() as conn:
+        tables = conn.execute(
+            text(
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = current_schema() AND c.relkind = 'r'"
+            )
+        ).scalars()
+        for table in list(tables):
+            for secret in secrets_:
+                count = conn.scalar(
+                    text(
+                        f'SELECT count(*) FROM "{table}" AS t WHERE strpos(t::text, :s) > 0'
+                        " OR strpos(t::text, encode(convert_to(:s, 'UTF8'), 'hex')) > 0"
+                    ),
+                    {"s": secret},
+                )
+                if count:
+                    found.append(f"PostgreSQL {table}")
+    read = {
+        b"string": lambda key: [redis_client.get(key)],
+        b"hash": lambda key: [b"".join(kv) for kv in redis_client.hgetall(key).items()],
+        b"set": lambda key: list(redis_client.smembers(key)),
+        b"list": lambda key: redis_client.lrange(key, 0, -1),
+        b"zset": lambda key: redis_client.zrange(key, 0, -1),
+    }
+    for key in redis_client.scan_iter(count=1000):
+        values = [key, *read.get(redis_client.type(key), lambda key: [])(key)]
+        for secret in secrets_:
+            if any(value and secret.encode() in value for value in values):
+                found.append(f"Redis {key!r}")
+    return found
+
+
+def test_tokens_are_stored_only_as_a_keyed_hash(
+    apps: LocalStack, api: httpx.Client, register, engine, redis_client
+) -> None:
+    """A device's tokens, the first and its rotation's, each used over HTTP and MQTT (so every
+    cache has seen them): neither is anywhere in PostgreSQL or Redis; the registry holds the
+    keyed hash of the current one, which is not the token's plain SHA-256."""
+    device = register("hashed")
+    url = f"{apps.api_url}/api/v1/devices/{device.device_id}/heartbeats"
+    assert httpx.post(url, json={"msg_id": "first"}, headers=device.auth).status_code == 202
+    assert connect(apps, device).accepted
+    rotated = api.post(f"/api/v1/devices/{device.device_id}/token")
+    assert rotated.status_code == 200, rotated.text
+    current = Device(device.device_id, rotated.json()["token"])
+    assert httpx.post(url, json={"msg_id": "second"}, headers=current.auth).status_code == 202
+    assert connect(apps, current).accepted
+    poll(lambda: len(history(api, device.device_id)) == 2, what="both heartbeats stored")
+    assert holding(engine, redis_client, [device.token, current.token]) == []
+    with engine.connect() as conn:
+        stored = conn.scalar(
+            text("SELECT token_hash FROM devices WHERE device_id = :d"), {"d": device.device_id}
+        )
+    assert stored == token_hash(current.token)
+    assert stored != hashlib.sha256(current.token.encode()).hexdigest()
 
 
 # ---- settings -----------------------------------------------------------------------------------
