@@ -408,13 +408,24 @@ class RawMqtt:
     """An MQTT 3.1.1 client on a bare socket, for what paho refuses to send: topics that are
     not UTF-8, hold NUL or wildcards, or are empty. One QoS 1 publish at a time."""
 
-    def __init__(self, port: int, username: str, password: str, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        port: int,
+        username: str,
+        password: str,
+        timeout: float = 5.0,
+        client_id: str | None = None,
+    ) -> None:
         self._sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         connect = _mqtt_string(b"MQTT") + bytes([4, 0xC2]) + struct.pack(">H", 30)
-        connect += _mqtt_string(username.encode())  # client id = device id
-        connect += _mqtt_string(username.encode()) + _mqtt_string(password.encode())
+        client = username if client_id is None else client_id  # client id = device id
+        connect += _mqtt_string(client.encode("utf-8", "surrogateescape"))
+        connect += _mqtt_string(username.encode("utf-8", "surrogateescape"))
+        connect += _mqtt_string(password.encode())
         self._send(0x10, connect)
-        self.connected = self._receive(4) == b"\x20\x02\x00\x00"  # CONNACK, accepted
+        #: The broker's CONNACK (4 bytes), or less when it closed the connection instead.
+        self.connack = self._receive(4)
+        self.connected = self.connack == b"\x20\x02\x00\x00"  # accepted
         self._packet_id = 0
 
     def publish(self, topic: bytes, payload: bytes) -> bool:
