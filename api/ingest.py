@@ -25,7 +25,7 @@ from gateway.convert import heartbeat_from
 from gateway.credentials import token_hash
 from gateway.errors import InputError, Reason, unforeseen
 from gateway.messages import Rejection, Source, utcnow
-from gateway.payload import MAX_PAYLOAD_BYTES, HeartbeatPayload
+from gateway.payload import MAX_PAYLOAD_BYTES, wire_schema
 from gateway.topics import DEVICE_ID_RE
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def with_content_type_hint(headers: Mapping[str, str], error: InputError) -> Inp
     openapi_extra={
         "requestBody": {
             "required": False,
-            "content": {"application/json": {"schema": HeartbeatPayload.model_json_schema()}},
+            "content": {"application/json": {"schema": wire_schema()}},
         }
     },
 )

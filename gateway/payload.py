@@ -145,6 +145,44 @@ class HeartbeatPayload(BaseModel):
         return value
 
 
+def wire_schema() -> dict[str, Any]:
+    """The JSON schema of a payload as devices send it (the model's own schema describes it
+    once parsed): `ts` as RFC 3339 text or epoch seconds or milliseconds, metrics nested under
+    `metrics` or as any other top-level key. What no schema says (the ts range, no duplicate
+    keys, at most 16 KiB, nesting) is checked by `parse_payload`, which names the problem."""
+    metric = {
+        "anyOf": [
+            {"type": "boolean"},
+            {"type": "integer", "minimum": -MAX_INT, "maximum": MAX_INT},
+            {"type": "number"},
+            {"type": "string", "maxLength": MAX_METRIC_STRING},
+        ]
+    }
+    schema = HeartbeatPayload.model_json_schema()
+    fields = schema["properties"]
+    fields["ts"] = {
+        "anyOf": [
+            {"type": "string", "format": "date-time"},
+            {"type": "number", "minimum": 0, "maximum": _TS_MAX_MS},
+            {"type": "null"},
+        ],
+        "default": None,
+        "title": "Ts",
+        "description": f"RFC 3339 with an offset, or epoch seconds (milliseconds from "
+        f"{EPOCH_MS_THRESHOLD}); from {TS_RANGE}",
+    }
+    fields["metrics"] = {
+        "type": "object",
+        "maxProperties": MAX_METRICS,
+        "propertyNames": {"pattern": METRIC_NAME_PATTERN},
+        "additionalProperties": metric,
+    }
+    schema["additionalProperties"] = metric  # a metric at the top level
+    schema["propertyNames"] = {"pattern": METRIC_NAME_PATTERN}
+    schema["description"] = "A heartbeat; every field is optional, an empty body too."
+    return schema
+
+
 def parse_timestamp(value: Any) -> datetime:
     """RFC 3339 text, or epoch seconds or milliseconds, as an aware UTC datetime within
     `TS_MIN`..`TS_MAX`; anything else is a ValueError that names `ts`."""

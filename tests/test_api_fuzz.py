@@ -2,23 +2,35 @@
 that breaks the documented schema. Every operation, positive and negative cases, with times
 drawn from the whole range (years 1 and 9999, every offset); then every query parameter of
 every read given extreme values (the ends of time, huge integers, long strings), and the
-inputs that once gave a 500."""
+inputs that once gave a 500. The heartbeat route is fuzzed with a device's own token (the
+operator's gets a 401 before the body is read): bodies from the documented schema and hostile
+ones, each answered with a documented status, each refusal a dead letter."""
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
 import schemathesis
+from hostile import payloads, valid_payloads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
-from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
+from schemathesis.specs.openapi.checks import (
+    ignored_auth,
+    negative_data_rejection,
+    positive_data_acceptance,
+)
+from sqlalchemy import Engine, select
 from support import OPERATOR_TOKEN, Device, history, poll
 
 from gateway.localstack import LocalStack
-from gateway.payload import MAX_INT
+from gateway.messages import MAX_REJECTED_BYTES
+from gateway.payload import MAX_INT, MAX_PAYLOAD_BYTES
+from gateway.schema import heartbeats, rejected
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -184,3 +196,104 @@ def test_the_inputs_that_once_gave_a_500(api: httpx.Client, device: Device) -> N
     )
     assert since.status_code == 200, since.text
     assert len(since.json()["items"]) == 2
+
+
+HEARTBEATS = "/api/v1/devices/{device_id}/heartbeats"
+#: What a device with its own token may get for a body while the broker is up.
+BODY_ANSWERS = {202, 413, 415, 422}
+#: Bodies over the 16 KiB limit, of a few sizes.
+oversized = st.integers(MAX_PAYLOAD_BYTES + 1, MAX_PAYLOAD_BYTES + 4096).map(
+    lambda n: b'{"x": "' + b"y" * (n - 10) + b'"}'
+)
+
+
+def test_the_heartbeat_route_with_a_devices_own_token(
+    schema, apps: LocalStack, register, engine: Engine
+) -> None:
+    """Bodies generated from the documented schema (positive and negative), the hostile
+    payloads of the property tests, heartbeats valid at every extreme, and oversized ones, all
+    sent by a registered device to its own route: no 5xx, only 202, 413, 415 or 422, every
+    202's heartbeat stored under the id it answered, every refused body a dead letter."""
+    device: Device = register("fuzzed")
+    operation = schema[HEARTBEATS]["POST"]
+    answered: list[tuple[int, bytes]] = []
+    accepted: set[str] = set()
+
+    def note(status: int, body: bytes, answer: httpx.Response | object) -> None:
+        assert status in BODY_ANSWERS, (status, body[:200])
+        answered.append((status, body))
+        if status == 202:
+            accepted.add(answer.json()["id"])
+
+    @given(case=st.one_of(operation.as_strategy(), operation.as_strategy(GenerationMode.NEGATIVE)))
+    @settings(
+        max_examples=2 * EXAMPLES_PER_OPERATION * 2,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+    )
+    def from_the_schema(case) -> None:
+        # Its own id and token: a negative case may have changed either, which is the
+        # route's 401, 403 or 422 before the body is read.
+        case.path_parameters = {"device_id": device.device_id}
+        case.headers = {**(case.headers or {}), **device.auth}
+        response = case.call(timeout=15)
+        # Auth is not under test here (tests/test_access.py has it): the case's own was
+        # replaced, which `ignored_auth` would take for an invalid one accepted.
+        excluded = [positive_data_acceptance, negative_data_rejection, ignored_auth]
+        case.validate_response(response, excluded_checks=excluded)
+        note(response.status_code, response.request.body or b"", response)
+
+    url = f"{apps.api_url}/api/v1/devices/{device.device_id}/heartbeats"
+
+    @given(body=payloads() | valid_payloads().map(lambda b: json.dumps(b).encode()) | oversized)
+    @settings(
+        max_examples=200,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+    )
+    def hostile(body: bytes) -> None:
+        headers = {**device.auth, "Content-Type": "application/json"}
+        response = httpx.post(url, content=body, headers=headers, timeout=15)
+        assert response.json()["id" if response.status_code == 202 else "detail"]
+        note(response.status_code, body, response)
+
+    from_the_schema()
+    hostile()
+    statuses = Counter(status for status, _ in answered)
+    assert statuses.keys() == BODY_ANSWERS, statuses  # each kind of answer was reached
+
+    def stored_ids() -> set[str]:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(heartbeats.c.id).where(heartbeats.c.device_id == device.device_id)
+            ).scalars()
+            return {str(r) for r in rows}
+
+    poll(lambda: accepted <= stored_ids(), timeout=60, what="every accepted heartbeat stored")
+    assert stored_ids() == accepted
+
+    # What a dead letter keeps of a body: its first 64 KiB; nothing of one whose declared
+    # size is over the limit (refused before it is read).
+    refused = Counter(
+        b"" if len(body) > MAX_PAYLOAD_BYTES else body[:MAX_REJECTED_BYTES]
+        for status, body in answered
+        if status != 202
+    )
+
+    def dead_letters() -> Counter:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(rejected.c.payload).where(
+                    rejected.c.device_id == device.device_id, rejected.c.source == "http"
+                )
+            ).scalars()
+            return Counter(bytes(r) for r in rows)
+
+    dead = poll(
+        lambda: (d := dead_letters()).total() >= refused.total() and d,
+        timeout=60,
+        what=f"{refused.total()} dead letters",
+    )
+    assert dead == refused
