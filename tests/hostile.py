@@ -153,18 +153,48 @@ def rfc3339(moment: datetime, timespec: str = "auto", zulu: bool = False) -> str
     return text[:-6] + "Z" if zulu and text.endswith("+00:00") else text
 
 
-timestamp_texts = (
+TIMESPECS = st.sampled_from(["auto", "seconds", "milliseconds", "microseconds", "minutes"])
+_TS_MAX_MS = _TS_MAX_S * 1000
+#: `ts` inside its range in every form a device may send: RFC 3339 with an offset or `Z`, at
+#: every precision; epoch seconds and milliseconds, integral or not.
+in_range_ts = st.one_of(
+    st.builds(rfc3339, in_range_datetimes, TIMESPECS),
+    st.builds(
+        rfc3339, in_range_datetimes.map(lambda d: d.astimezone(UTC)), TIMESPECS, st.just(True)
+    ),
+    st.integers(0, EPOCH_MS_THRESHOLD - 1),
+    st.integers(EPOCH_MS_THRESHOLD, _TS_MAX_MS),
+    st.floats(0, _TS_MAX_MS),
+)
+#: `ts` outside its range, near or far: before 1970 or after 9999-12-30 as text with `Z` or
+#: `+00:00`, and epoch numbers below 0 or past the end.
+out_of_range_ts = st.one_of(
     st.builds(
         rfc3339,
-        aware_datetimes | edge_datetimes(),
-        st.sampled_from(["auto", "seconds", "milliseconds", "microseconds", "minutes"]),
+        st.datetimes(max_value=datetime(1969, 12, 31, 23, 59, 59, 999999), timezones=st.just(UTC))
+        | st.datetimes(min_value=datetime(9999, 12, 30, 0, 0, 1), timezones=st.just(UTC)),
+        st.sampled_from(["auto", "seconds", "microseconds"]),
         st.booleans(),
-    )
+    ),
+    st.integers(max_value=-1) | st.integers(min_value=_TS_MAX_MS + 1),
+    st.floats(max_value=-5e-324, allow_infinity=False)
+    | st.floats(min_value=_TS_MAX_MS + 1, allow_infinity=False),
+)
+timestamp_texts = (
+    st.builds(rfc3339, aware_datetimes | edge_datetimes(), TIMESPECS, st.booleans())
     | st.datetimes().map(datetime.isoformat)  # no offset
     | any_text
 )
 epoch_numbers = integers | finite_floats
-timestamps = timestamp_texts | epoch_numbers
+#: Any `ts` but null: in its range (as often as not), at and beyond its ends, text that is no
+#: time, booleans.
+timestamps = (
+    in_range_ts
+    | out_of_range_ts
+    | timestamp_texts
+    | epoch_numbers
+    | st.booleans()
+)
 
 # ---- payloads -----------------------------------------------------------------------------
 
@@ -224,13 +254,7 @@ def valid_payloads(draw: st.DrawFn) -> dict[str, Any]:
     as text in any zone or as epoch seconds or milliseconds, seq up to 2^63-1, metrics of every
     type at their extremes (floats at +-max, subnormal, -0.0; text of any category but NUL and
     lone surrogates, which are refused)."""
-    ts = draw(
-        st.none()
-        | in_range_datetimes.map(datetime.isoformat)
-        | st.integers(0, EPOCH_MS_THRESHOLD - 1)
-        | st.integers(EPOCH_MS_THRESHOLD, _TS_MAX_S * 1000)
-        | st.floats(0, _TS_MAX_S * 1000)
-    )
+    ts = draw(st.none() | in_range_ts)
     value = (
         st.booleans()
         | st.integers(-MAX_INT, MAX_INT)
@@ -254,10 +278,12 @@ def valid_payloads(draw: st.DrawFn) -> dict[str, Any]:
 # ---- topics -------------------------------------------------------------------------------
 
 _levels = st.sampled_from(["devices", "", "#", "*", "+", "heartbeat", "status", "commands"])
-routing_keys = st.one_of(
-    # Valid, often: every kind, any valid id.
+#: Valid keys: every kind, heartbeats most, any valid id.
+valid_routing_keys = st.one_of(
     st.builds(lambda d, k: f"devices.{d}.{k}", valid_device_ids, st.sampled_from(TopicKind)),
     st.builds(lambda d: f"devices.{d}.heartbeat", valid_device_ids),
+)
+hostile_routing_keys = st.one_of(
     # A valid id with an unknown, empty or wildcard kind, or extra or missing levels.
     st.builds(
         lambda d, rest: ".".join(["devices", d, *rest]),
@@ -273,6 +299,11 @@ routing_keys = st.one_of(
     # Levels of anything, and bytes that are not UTF-8 as the broker's frames decode them.
     st.lists(_levels | any_text, max_size=6).map(".".join),
     st.binary(max_size=40).map(lambda raw: raw.decode("utf-8", "surrogateescape")),
+)
+#: Routing keys as the bridge meets them: valid most of the time (three in five), so that the
+#: payload behind them is explored, and every way of being invalid the rest of the time.
+routing_keys = st.integers(0, 4).flatmap(
+    lambda n: valid_routing_keys if n < 3 else hostile_routing_keys
 )
 
 # ---- AMQP headers -------------------------------------------------------------------------

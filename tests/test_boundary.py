@@ -101,19 +101,20 @@ def test_the_bridge_converts_anything_to_a_message_or_a_dead_letter(key: str, bo
         dead_letter_travels(rejection)
 
 
-def test_the_topic_strategy_often_makes_valid_topics() -> None:
-    """Valid topics must be drawn often, or the payload half of the bridge goes unexplored."""
+def test_the_topic_strategy_makes_valid_topics_most_of_the_time() -> None:
+    """Valid topics must be drawn most of the time, or the payload half of the bridge goes
+    unexplored; invalid ones often enough to explore the topic half."""
     kinds: list[str] = []
 
-    @settings(max_examples=300, database=None)
+    @settings(max_examples=500, database=None, derandomize=True)
     @given(routing_keys)
     def draw(key: str) -> None:
         outcome = convert(key, b"{}", T0)
         kinds.append("valid" if isinstance(outcome, Forward | Ignore) else "invalid")
 
     draw()
-    assert kinds.count("valid") >= len(kinds) / 5, kinds.count("valid")
-    assert kinds.count("invalid") >= len(kinds) / 5
+    assert kinds.count("valid") > len(kinds) / 2, kinds.count("valid")
+    assert kinds.count("invalid") >= len(kinds) / 5, kinds.count("invalid")
 
 
 @SETTINGS
