@@ -188,13 +188,7 @@ timestamp_texts = (
 epoch_numbers = integers | finite_floats
 #: Any `ts` but null: in its range (as often as not), at and beyond its ends, text that is no
 #: time, booleans.
-timestamps = (
-    in_range_ts
-    | out_of_range_ts
-    | timestamp_texts
-    | epoch_numbers
-    | st.booleans()
-)
+timestamps = in_range_ts | out_of_range_ts | timestamp_texts | epoch_numbers | st.booleans()
 
 # ---- payloads -----------------------------------------------------------------------------
 

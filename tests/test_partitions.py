@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -86,19 +85,23 @@ def test_the_lookup_reaches_back_as_far_as_the_window(engine: Engine) -> None:
 
 def test_a_writer_of_the_new_day_waits_for_the_old_days_writers(engine: Engine) -> None:
     """A transaction of yesterday, still open, inserting a heartbeat that today's batch also
-    carries: today's writer waits for it, then sees the row and skips its copy."""
+    carries: today's writer waits for it (PostgreSQL shows it blocked by that transaction),
+    then sees the row and skips its copy."""
     device = unique()
     yesterday = db_today(engine) - timedelta(days=1)
     copy = beat(device, "midnight")
-    finished: list[float] = []
+    order: list[str] = []
+    writer_pid: list[int] = []
 
     def todays_writer() -> None:
-        finished.append(time.monotonic())
-        finished.append(write(engine, [copy]).inserted)
-        finished.append(time.monotonic())
+        with engine.begin() as conn:
+            writer_pid.append(conn.scalar(text("SELECT pg_backend_pid()")))
+            inserted = store.write_batch(conn, [copy]).inserted
+        order.append(f"today's writer done, {inserted} inserted")
 
     with engine.connect() as old:
         with old.begin():
+            old_pid = old.scalar(text("SELECT pg_backend_pid()"))
             day_number = (yesterday - partitions.EPOCH).days
             old.execute(
                 text("SELECT pg_advisory_xact_lock_shared(:ns, :day)"),
@@ -117,13 +120,20 @@ def test_a_writer_of_the_new_day_waits_for_the_old_days_writers(engine: Engine) 
             )
             writer = threading.Thread(target=todays_writer)
             writer.start()
-            poll(lambda: finished, what="today's writer to start")
-            time.sleep(1.0)  # proves a wait: given a second, it still has not written
-            assert len(finished) == 1, "today's writer did not wait for yesterday's"
-            released = time.monotonic()
-        writer.join(timeout=10)
-    assert finished[1] == 0, "today's writer stored a second copy"
-    assert finished[2] >= released
+            poll(lambda: writer_pid, what="today's writer to start")
+
+            def blocked_by_old() -> bool:
+                with engine.connect() as conn:
+                    blockers = conn.scalar(
+                        text("SELECT pg_blocking_pids(:pid)"), {"pid": writer_pid[0]}
+                    )
+                return old_pid in blockers
+
+            poll(blocked_by_old, what="today's writer to wait for yesterday's")
+            assert order == [], "today's writer did not wait for yesterday's"
+            order.append("yesterday's writer commits")
+        writer.join(timeout=30)
+    assert order == ["yesterday's writer commits", "today's writer done, 0 inserted"]
     assert stored_days(engine, device) == [yesterday]
 
 
