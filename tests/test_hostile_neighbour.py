@@ -2,8 +2,9 @@
 worker, api, PostgreSQL): while device A sends a stream of hostile payloads over MQTT (paho,
 QoS 1) and HTTP, and hostile topics, device B sends ordinary heartbeats with known msg_ids.
 
-- every heartbeat B had acknowledged is stored exactly once, within `STORED_WITHIN_S` of the
-  last one sent;
+- every heartbeat B had acknowledged is stored exactly once, and B is served during A's
+  stream, not after it: its first heartbeat is stored before A's last message is received
+  (the database's times; how long B's heartbeats took is printed, not asserted);
 - every message of A that the broker acknowledged (or the api answered) ends as the
   conversion says: a dead letter with its reason, or, for the few valid bodies in the stream
   (the issue's `{"big": 1e308}`), a stored heartbeat; nothing else of A is stored;
@@ -42,8 +43,6 @@ from gateway.topics import claimed_device, mqtt_topic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-#: Seconds within which B's last heartbeat is stored, once sent (measured: well under 1 s).
-STORED_WITHIN_S = 15.0
 MQTT_BODIES = 180
 HTTP_BODIES = 60
 B_MQTT = 120
@@ -218,15 +217,16 @@ def test_a_hostile_device_cannot_hurt_its_neighbour(
             job.result()
     assert not probes, "the stream was too short to carry every hostile topic"
 
-    # B: every heartbeat acknowledged, each stored exactly once, within the bound.
+    # B: every heartbeat acknowledged, each stored exactly once, and stored while A's stream
+    # was still arriving.
     assert all(acked for _, _, acked in b_mqtt.items), "the broker refused B's heartbeats"
     assert b_http.statuses == Counter({202: B_HTTP}), b_http.statuses
     expected_b = {f"b-mqtt-{i}" for i in range(B_MQTT)} | {f"b-http-{i}" for i in range(B_HTTP)}
     last_sent = max(b_mqtt.last_at, b_http.last_at)
     stored = poll(
         lambda: (s := stored_msg_ids(engine, b.device_id)).keys() >= expected_b and s,
-        timeout=max(last_sent + STORED_WITHIN_S - time.monotonic(), 0.1),
-        what=f"every heartbeat of B stored within {STORED_WITHIN_S:.0f} s of the last",
+        timeout=60,
+        what="every heartbeat of B stored",
     )
     assert set(stored) == expected_b and set(stored.values()) == {1}
 
@@ -260,6 +260,8 @@ def test_a_hostile_device_cannot_hurt_its_neighbour(
         return found if all(found[k] >= n for k, n in dead[True].items()) else Counter()
 
     found = poll(all_dead_letters, timeout=30, what=f"{dead[True].total()} dead letters")
+    b_first_stored, a_last_received = served_during(engine, b.device_id, a.device_id)
+    assert b_first_stored < a_last_received, "B was served only once A's stream was over"
     for key, count in found.items():
         if key[:3] in reasons:  # one of A's (the same bytes may come from other tests)
             assert key[3] == reasons[key[:3]], key
@@ -288,6 +290,20 @@ def stored_msg_ids(engine: Engine, device_id: str) -> Counter:
             text("SELECT msg_id FROM heartbeats WHERE device_id = :d"), {"d": device_id}
         ).scalars()
         return Counter(rows)
+
+
+def served_during(engine: Engine, b: str, a: str) -> tuple:
+    """When B's first heartbeat was stored, and when the gateway received A's last message
+    (a dead letter, or one of the few valid bodies stored)."""
+    with engine.connect() as conn:
+        return conn.execute(
+            text(
+                "SELECT (SELECT min(stored_at) FROM heartbeats WHERE device_id = :b),"
+                " greatest((SELECT max(received_at) FROM rejected WHERE device_id = :a),"
+                " (SELECT max(received_at) FROM heartbeats WHERE device_id = :a))"
+            ),
+            {"a": a, "b": b},
+        ).one()
 
 
 def kept_of(body: bytes, via_http: bool) -> bytes:
