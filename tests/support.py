@@ -159,3 +159,31 @@ def assert_stored_as_sent(engine: Any, sent: Any, zone: str) -> None:
             assert float(metrics[name]) == value, name
         else:
             assert metrics[name] == value and type(metrics[name]) is type(value), name
+
+
+def statements_run_by(engine: Any, run: Callable[[Any], Any]) -> list[tuple[str, Any]]:
+    """The SQL `run(conn)` sends to PostgreSQL, captured on its way to the driver, with its
+    parameters (to EXPLAIN the very statements the code runs); the transaction is rolled
+    back."""
+    from sqlalchemy import event
+
+    captured: list[tuple[str, Any]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany) -> None:
+        captured.append((statement, parameters))
+
+    with engine.connect() as conn:
+        event.listen(conn, "before_cursor_execute", capture)
+        with conn.begin() as transaction:
+            run(conn)
+            transaction.rollback()
+        event.remove(conn, "before_cursor_execute", capture)
+    return captured
+
+
+def plan_of(engine: Any, statement: str, parameters: Any) -> str:
+    """PostgreSQL's plan (EXPLAIN, not run) of a statement captured by `statements_run_by`."""
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(f"EXPLAIN {statement}", parameters).all()
+        conn.rollback()
+    return "\n".join(row[0] for row in rows)

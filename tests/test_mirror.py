@@ -126,3 +126,31 @@ def test_the_mirror_is_rebuilt_when_redis_comes_back_empty(
         what="every quiet device's state back in Redis",
     )
     assert truth(engine, quiet) == expected, "the devices wrote meanwhile: the test proves nothing"
+
+
+def test_a_redis_that_failed_is_not_asked_again_for_a_while(monkeypatch) -> None:
+    """The circuit breaker: after a failure, calls are skipped (no wait on a Redis that is
+    down) until a cooldown passes, doubling while Redis stays down, up to a cap; a success
+    closes it."""
+    now = [100.0]
+    monkeypatch.setattr("gateway.state.time.monotonic", lambda: now[0])
+    breaker = state.Breaker(cooldown_s=0.5, max_cooldown_s=2.0)
+    calls = []
+
+    def down() -> None:
+        calls.append("down")
+        raise redis.ConnectionError("refused")
+
+    assert breaker.call(down, service="test", skipped="nothing") is None
+    assert breaker.call(down, service="test", skipped="nothing") is None  # skipped
+    assert calls == ["down"]
+    for cooldown in (0.5, 1.0, 2.0, 2.0):
+        now[0] += cooldown - 0.01
+        assert not breaker.allow()
+        now[0] += 0.01
+        assert breaker.allow()
+        breaker.call(down, service="test", skipped="nothing")
+    assert breaker.call(lambda: "up", service="test", skipped="nothing") is None  # still open
+    now[0] += 2.0
+    assert breaker.call(lambda: "up", service="test", skipped="nothing") == "up"
+    assert breaker.allow()

@@ -265,3 +265,22 @@ def test_gateway_simulate_registers_its_devices_and_they_are_stored(
 
     poll(lambda: stored() >= acked, what="the acknowledged heartbeats stored")
     assert stored() <= sent
+
+
+# ---- link quality -------------------------------------------------------------------------
+
+
+def test_a_counter_that_goes_back_starts_a_new_run() -> None:
+    """A device that restarted counts from 0 again: its old run and its new one are counted
+    apart, so the restart is not taken for losses."""
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.quality import WINDOW, compute
+
+    t0 = datetime(2026, 11, 29, 10, 0, tzinfo=UTC)
+    seqs = [7, 8, 9, 11, 0, 1, 2, 4]  # 10 lost, a restart, 3 lost
+    rows = [(seq, None, t0 + timedelta(seconds=i)) for i, seq in enumerate(seqs)]
+    quality = compute(rows, WINDOW)
+    assert (quality.received, quality.expected) == (8, 5 + 5)
+    assert quality.loss_pct == 20.0
+    assert quality.median_interval_s == 1.0 and quality.clock_skew_s is None

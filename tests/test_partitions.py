@@ -12,7 +12,8 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 from alembic import command
 from sqlalchemy import Engine, create_engine, func, select, text
-from support import poll, unique
+from sqlalchemy.exc import OperationalError
+from support import plan_of, poll, statements_run_by, unique
 
 from gateway import partitions, queries, store
 from gateway.db import alembic_config, migrate
@@ -209,6 +210,54 @@ def test_a_missing_partition_is_made_rather_than_failing_the_batch(engine: Engin
         assert conn.scalar(text("SELECT to_regclass(:n)"), {"n": partitions.partition_name(far)})
         conn.execute(text(f"DROP TABLE {partitions.partition_name(far)}"))
     assert write(engine, [beat(device, "x")]).inserted == 1
+
+
+def test_a_drop_waits_a_while_for_readers_then_is_left_for_the_next_run(engine: Engine) -> None:
+    """A reader holds an expired partition: maintenance gives up on it with a lock timeout
+    (lock_not_available, never an endless wait) and changes nothing; the next run drops it."""
+    expired = db_today(engine) - timedelta(days=45)
+    with engine.begin() as conn:
+        name = partitions.create(conn, expired)
+    with engine.connect() as reader, reader.begin():
+        reader.execute(text(f"SELECT count(*) FROM {name}"))  # holds it until commit
+        with pytest.raises(OperationalError) as gave_up:
+            partitions.run(engine, ahead_days=3, retention_days=30)
+        assert gave_up.value.orig.pgcode == "55P03", gave_up.value
+    with engine.connect() as conn:
+        assert expired in partitions.existing(conn)
+    assert name in partitions.run(engine, ahead_days=3, retention_days=30).dropped
+
+
+def test_reads_with_since_skip_the_partitions_of_earlier_days(engine: Engine) -> None:
+    """The plans of the history and metrics reads, as the api runs them: with `since` an hour
+    ago, no partition before yesterday is read; without it, every one is."""
+    today = db_today(engine)
+    with engine.begin() as conn:
+        partitions.ensure(conn, today)
+        old = partitions.create(conn, today - timedelta(days=10))
+    since = datetime.now(UTC) - timedelta(hours=1)
+    reads = {
+        "history": lambda conn: queries.list_heartbeats(conn, "d-1", since=since),
+        "metrics": lambda conn: queries.metric_series(
+            conn,
+            "d-1",
+            ["cpu"],
+            since=since,
+            until=since + timedelta(hours=1),
+            bucket="1m",
+            agg="avg",
+        ),
+    }
+    for what, read in reads.items():
+        plans = [plan_of(engine, *sql) for sql in statements_run_by(engine, read)]
+        plan = "\n".join(plans)
+        assert partitions.partition_name(today) in plan, (what, plan)
+        assert old not in plan, (what, plan)
+    everything = "\n".join(
+        plan_of(engine, *sql)
+        for sql in statements_run_by(engine, lambda conn: queries.list_heartbeats(conn, "d-1"))
+    )
+    assert old in everything
 
 
 def test_history_reads_every_partition_newest_first(engine: Engine) -> None:

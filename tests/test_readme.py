@@ -37,3 +37,29 @@ def test_the_device_example_is_the_one_the_tests_run() -> None:
 def test_ci_runs_exactly_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert [line for line in ci.splitlines() if line.startswith("make")] == ["make test"]
+
+
+def test_every_documented_default_is_the_codes() -> None:
+    """The settings table's defaults: `value` is the field's default as written, `(none)` no
+    value; `(the api host)` says what an unset field falls back to."""
+    defaults = {
+        f"GATEWAY_{name.upper()}": field.default
+        for cls in (CommonSettings, BridgeSettings, WorkerSettings, ApiSettings)
+        for name, field in cls.model_fields.items()
+    }
+    rows = re.findall(r"^\| (`GATEWAY_[^|]+) \| ([^|]+) \| [^|]+ \|$", README, re.M)
+    checked = 0
+    for names, shown in rows:
+        names = re.findall(r"`(GATEWAY_[A-Z0-9_]+)`", names)
+        values = [v.strip() for v in shown.split(",")] if "`" in shown else [shown.strip()]
+        for name, value in zip(
+            names, values * len(names) if len(values) == 1 else values, strict=True
+        ):
+            if value == "(none)":
+                assert defaults[name] in (None, ""), (name, defaults[name])
+            elif value.startswith("`"):
+                assert str(defaults[name]) == value.strip("`"), (name, defaults[name], value)
+            else:
+                assert value == "(the api host)" and defaults[name] is None, (name, value)
+            checked += 1
+    assert checked == len(defaults), (checked, len(defaults))

@@ -10,7 +10,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, text
+from support import plan_of, statements_run_by
 
 from gateway import liveness, queries
 from gateway.db import make_engine, migrate
@@ -65,30 +66,6 @@ def timed(fn, repeat: int = 5) -> float:
     return best
 
 
-def sweep_statements(engine: Engine) -> list[tuple[str, dict]]:
-    """The SQL the sweeper really runs (`liveness.sweep`, as its worker calls it), captured on
-    its way to the driver, with its parameters; the transaction is rolled back."""
-    captured: list[tuple[str, dict]] = []
-
-    def capture(conn, cursor, statement, parameters, context, executemany) -> None:
-        captured.append((statement, parameters))
-
-    with engine.connect() as conn:
-        event.listen(conn, "before_cursor_execute", capture)
-        with conn.begin() as transaction:
-            liveness.sweep(conn)
-            transaction.rollback()
-        event.remove(conn, "before_cursor_execute", capture)
-    return captured
-
-
-def plan_of(engine: Engine, statement: str, parameters: dict) -> str:
-    with engine.connect() as conn:
-        rows = conn.exec_driver_sql(f"EXPLAIN {statement}", parameters).all()
-        conn.rollback()
-    return "\n".join(row[0] for row in rows)
-
-
 def test_the_sweep_reads_only_expired_devices(big_fleet: Engine) -> None:
     """The plan of the sweeper's own statement, with nothing expired and with 500 expired among
     100,000: the partial index finds the expired, the primary key their rows; no scan of the
@@ -105,7 +82,7 @@ def test_the_sweep_reads_only_expired_devices(big_fleet: Engine) -> None:
                     {"n": expired},
                 )
                 conn.execute(text("ANALYZE devices"))
-        statements = sweep_statements(big_fleet)
+        statements = statements_run_by(big_fleet, liveness.sweep)
         assert statements, "the sweep ran no statement"
         statement, parameters = statements[0]
         assert "UPDATE devices" in statement, statement
