@@ -190,6 +190,50 @@ def test_device_list_pages_with_a_cursor(api, register) -> None:
     assert api.get("/api/v1/devices", params={"cursor": "garbage"}).status_code == 400
 
 
+def listed(api: httpx.Client, status: str) -> set[str]:
+    """Every device the list shows with `status` (every page)."""
+    found, cursor = set(), None
+    while True:
+        params = {"status": status, "limit": 1000, **({"cursor": cursor} if cursor else {})}
+        page = api.get("/api/v1/devices", params=params)
+        assert page.status_code == 200, page.text
+        found |= {d["device_id"] for d in page.json()["items"]}
+        assert all(d["status"] == status for d in page.json()["items"])
+        cursor = page.json()["next_cursor"]
+        if cursor is None:
+            return found
+
+
+def test_device_list_filters_by_status(apps, api, register) -> None:
+    quiet, alive, gone = (register("filter", heartbeat_interval_s=3600) for _ in range(3))
+    for device in (alive, gone):
+        response = httpx.post(
+            f"{apps.api_url}/api/v1/devices/{device.device_id}/heartbeats",
+            json={},
+            headers=device.auth,
+        )
+        assert response.status_code == 202, response.text
+    poll(lambda: seen(api, alive) and seen(api, gone), what="both seen")
+    mosquitto_pub(apps, gone, "status", "offline")
+    poll(lambda: device_state(api, gone.device_id)["status"] == "offline", what="gone offline")
+    ours = {d.device_id for d in (quiet, alive, gone)}
+    assert listed(api, "never_seen") & ours == {quiet.device_id}
+    assert listed(api, "online") & ours == {alive.device_id}
+    assert listed(api, "offline") & ours == {gone.device_id}
+
+
+def test_a_disabled_device_is_refused_until_enabled_again(apps, api, device: Device) -> None:
+    url = f"{apps.api_url}/api/v1/devices/{device.device_id}/heartbeats"
+    assert api.patch(f"/api/v1/devices/{device.device_id}", json={"enabled": False}).is_success
+    refused = httpx.post(url, json={"msg_id": "while-disabled"}, headers=device.auth)
+    assert refused.status_code == 403, refused.text
+    assert api.patch(f"/api/v1/devices/{device.device_id}", json={"enabled": True}).is_success
+    accepted = httpx.post(url, json={"msg_id": "enabled-again"}, headers=device.auth)
+    assert accepted.status_code == 202, accepted.text
+    stored = poll(lambda: history(api, device.device_id), what="stored once enabled")
+    assert [h["msg_id"] for h in stored] == ["enabled-again"]
+
+
 def test_health_endpoints(apps) -> None:
     for port in (apps.ports.api, apps.ports.bridge_health, apps.ports.worker_health):
         ready = httpx.get(f"http://127.0.0.1:{port}/readyz")
