@@ -1,16 +1,24 @@
 """The local stack's commands, as `make up` and `make status` run them (`gateway stack up|status`,
 here on the test stack): `up` is idempotent (a stack that runs is left as it is) and prints
-where everything listens and the operator token; `status` shows what runs."""
+where everything listens and the operator token; `status` shows what runs. And `make run`'s
+own code on a stack of its own (its own folder and free ports): everything starts, and
+Ctrl-C stops everything."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
-from gateway.localstack import LocalStack
+from gateway.localstack import PROJECT_ROOT, TEST_PORTS, LocalStack, Ports
 
 pytestmark = pytest.mark.e2e
 
@@ -51,3 +59,59 @@ def test_status_shows_what_runs(apps: LocalStack) -> None:
     assert done.returncode == 0, done.stderr
     shown = dict(line.split(None, 1) for line in done.stdout.splitlines())
     assert shown == {name: f"running, pid {pid}" for name, pid in apps.status().items()}
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+    try:
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+RUN = """
+import sys
+from pathlib import Path
+from gateway.localstack import LocalStack, Ports
+LocalStack("run", Ports(*map(int, sys.argv[2:])), root=Path(sys.argv[1])).run()
+"""
+
+
+@pytest.mark.slow
+def test_run_starts_everything_and_ctrl_c_stops_everything(apps: LocalStack) -> None:
+    """`make run` (`LocalStack.run`) on a stack of its own: it says where everything listens
+    once everything is ready; Ctrl-C stops every process it started, and it exits 0. (A
+    folder of the project's: PostgreSQL's own user must reach it.)"""
+    root = PROJECT_ROOT / ".run" / f"run-{uuid.uuid4().hex[:8]}"
+    ports = Ports(*free_ports(len(dataclasses.fields(TEST_PORTS))))
+    stack = LocalStack("run", ports, root=root)
+    process = subprocess.Popen(
+        [sys.executable, "-c", RUN, str(root), *map(str, dataclasses.astuple(ports))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output: list[str] = []
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.append(line)
+            if line.startswith("Ctrl-C stops the stack."):
+                break
+        assert output and output[-1].startswith("Ctrl-C"), "".join(output)
+        running = stack.status()
+        assert all(running.values()), running
+        assert all(stack.app_ready(name) for name in ("worker", "bridge", "api"))
+        assert f"127.0.0.1:{ports.mqtt}" in "".join(output)
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=180)
+        assert process.returncode == 0, rest
+        assert "stack run: stopped" in rest
+        assert stack.status() == dict.fromkeys(running)  # every process gone
+    finally:
+        if process.poll() is None:
+            process.kill()
+        with contextlib.suppress(Exception):
+            stack.down(echo=False)
+        shutil.rmtree(root, ignore_errors=True)
