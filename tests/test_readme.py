@@ -63,3 +63,43 @@ def test_every_documented_default_is_the_codes() -> None:
                 assert value == "(the api host)" and defaults[name] is None, (name, value)
             checked += 1
     assert checked == len(defaults), (checked, len(defaults))
+
+
+def test_the_make_targets_the_docs_name_exist_and_lint_runs_ruff() -> None:
+    import subprocess
+
+    makefile = (ROOT / "Makefile").read_text()
+    docs = README + (ROOT / "docs" / "operations.md").read_text()
+    named = set(re.findall(r"(?:`|^)make ([a-z-]+)", docs, re.M))
+    assert named >= {"run", "test", "up", "down", "status", "lint", "compose-env", "bench"}
+    targets = set(re.findall(r"^([a-z-]+):", makefile, re.M))
+    assert named <= targets, named - targets
+    lint = subprocess.run(
+        ["make", "-n", "lint"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert "ruff check ." in lint and "ruff format --check ." in lint
+
+
+def test_compose_env_writes_random_private_secrets_and_never_overwrites(tmp_path: Path) -> None:
+    import stat
+    import subprocess
+
+    def compose_env() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["make", "-f", str(ROOT / "Makefile"), "compose-env"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    assert compose_env().returncode == 0
+    env = tmp_path / ".env"
+    values = dict(line.split("=", 1) for line in env.read_text().splitlines())
+    assert len(values) == 7 and all(name.startswith("GATEWAY_") for name in values)
+    assert len(set(values.values())) == 7 and all(len(v) >= 40 for v in values.values())
+    assert stat.S_IMODE(env.stat().st_mode) == 0o600
+    before = env.read_text()
+    again = compose_env()
+    assert again.returncode != 0 and "keep it" in again.stdout
+    assert env.read_text() == before

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import stat
 import subprocess
@@ -22,7 +23,7 @@ from sqlalchemy import text
 from support import Device, history, poll, unique
 from test_access import Session, beat_and_wait, connect
 
-from gateway import accounts
+from gateway import accounts, registry
 from gateway.credentials import token_hash
 from gateway.localstack import LocalStack
 from gateway.settings import ApiSettings, BridgeSettings, weak_secret
@@ -369,6 +370,8 @@ def test_tokens_are_stored_only_as_a_keyed_hash(
     current = Device(device.device_id, rotated.json()["token"])
     assert httpx.post(url, json={"msg_id": "second"}, headers=current.auth).status_code == 202
     assert connect(apps, current).accepted
+    stale = httpx.post(url, json={"msg_id": "stale"}, headers=device.auth)
+    assert stale.status_code == 401 and device.token not in stale.text  # never echoed
     poll(lambda: len(history(api, device.device_id)) == 2, what="both heartbeats stored")
     assert holding(engine, redis_client, [device.token, current.token]) == []
     with engine.connect() as conn:
@@ -377,6 +380,33 @@ def test_tokens_are_stored_only_as_a_keyed_hash(
         )
     assert stored == token_hash(current.token)
     assert stored != hashlib.sha256(current.token.encode()).hexdigest()
+
+
+def test_a_login_compares_keyed_hashes_in_constant_time(engine, register, monkeypatch) -> None:
+    """An MQTT login's check (`registry.authenticate`): the keyed hash of the token given is
+    compared with the stored one by `hmac.compare_digest`, for a right token, a wrong one and
+    an unknown device alike; the token itself is never compared."""
+    device = register("login")
+    compared: list[tuple] = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(
+        "gateway.credentials.hmac.compare_digest",
+        lambda a, b: compared.append((a, b)) or real(a, b),
+    )
+    with engine.connect() as conn:
+        verdicts = [
+            registry.authenticate(conn, device.device_id, device.token),
+            registry.authenticate(conn, device.device_id, device.token + "x"),
+            registry.authenticate(conn, unique("nobody"), device.token),
+        ]
+    assert verdicts == [
+        registry.Verdict.OK,
+        registry.Verdict.BAD_TOKEN,
+        registry.Verdict.UNKNOWN_DEVICE,
+    ]
+    assert len(compared) == 3
+    assert compared[0] == (token_hash(device.token), token_hash(device.token))
+    assert all(len(a) == len(b) == 64 and device.token not in a + b for a, b in compared)
 
 
 # ---- settings -----------------------------------------------------------------------------------
