@@ -1,13 +1,20 @@
 """A TCP proxy in front of a real server, for tests that cut or delay a real connection (as
 aio-pika's own reconnect tests do): `cut()` closes every connection and refuses new ones (the
 server is away), `hold()` keeps what the server sends until `release()` (its answers are late).
+In front of RabbitMQ it also counts the messages its clients publish (AMQP `basic.publish`
+frames).
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
+
+AMQP_HEADER = b"AMQP\x00\x00\x09\x01"
+#: A method frame (type 1) of `basic.publish` (class 60, method 40).
+BASIC_PUBLISH = (1, 60, 40)
 
 
 class TcpProxy:
@@ -23,6 +30,8 @@ class TcpProxy:
         self._released.set()
         self._closed = False
         self.accepted = 0
+        #: `basic.publish` frames the clients sent, over every connection.
+        self.published = 0
         threading.Thread(target=self._accept, name="proxy:accept", daemon=True).start()
 
     def cut(self) -> None:
@@ -73,10 +82,15 @@ class TcpProxy:
             threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket, from_server: bool) -> None:
+        frames = _Frames()
         try:
             while chunk := source.recv(65536):
                 if from_server:
                     self._released.wait()
+                else:
+                    published = frames.count(chunk, BASIC_PUBLISH)
+                    with self._lock:
+                        self.published += published
                 if not self._open.is_set():
                     return
                 sink.sendall(chunk)
@@ -86,3 +100,30 @@ class TcpProxy:
             for sock in (source, sink):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Frames:
+    """AMQP 0-9-1 frames of one direction of a connection, read as the bytes go by."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._started = False
+
+    def count(self, chunk: bytes, method: tuple[int, int, int]) -> int:
+        """How many frames of `method` (frame type, class id, method id) `chunk` completes."""
+        self._buffer += chunk
+        if not self._started:
+            if len(self._buffer) < len(AMQP_HEADER):
+                return 0
+            self._buffer = self._buffer[len(AMQP_HEADER) :]
+            self._started = True
+        found = 0
+        while len(self._buffer) >= 7:
+            kind, _, size = struct.unpack(">BHI", self._buffer[:7])
+            if len(self._buffer) < 7 + size + 1:
+                break
+            payload = self._buffer[7 : 7 + size]
+            if kind == 1 and size >= 4 and (kind, *struct.unpack(">HH", payload[:4])) == method:
+                found += 1
+            self._buffer = self._buffer[7 + size + 1 :]
+        return found

@@ -31,7 +31,7 @@ def proxied_api(apps: LocalStack) -> Iterator[Callable[[float], tuple[str, TcpPr
     the proxy. Stopped afterwards."""
     proxies: list[TcpProxy] = []
 
-    def start(confirm_timeout_s: float) -> tuple[str, TcpProxy]:
+    def start(confirm_timeout_s: float, **settings: str) -> tuple[str, TcpProxy]:
         proxy = TcpProxy(apps.ports.amqp)
         proxies.append(proxy)
         amqp = urllib.parse.urlsplit(apps.env("api")["GATEWAY_AMQP_URL"])
@@ -43,6 +43,7 @@ def proxied_api(apps: LocalStack) -> Iterator[Callable[[float], tuple[str, TcpPr
             "GATEWAY_API_INTERNAL_PORT": str(port + 1),
             "GATEWAY_API_TLS_PORT": "0",
             "GATEWAY_API_CONFIRM_TIMEOUT_S": str(confirm_timeout_s),
+            **{f"GATEWAY_{name.upper()}": value for name, value in settings.items()},
         }
         apps.start_app(APP, env=env)
         apps.wait_apps((APP,))
@@ -175,3 +176,29 @@ def test_a_confirm_too_late_is_a_503_and_the_retry_is_stored_once(
     assert send(url, device, "after").status_code == 202
     rows = poll(lambda: "after" in (s := stored(engine, device)) and s, what="the marker")
     assert rows["late"] == [retry.json()["id"]]
+
+
+def test_heartbeats_sent_together_share_one_work_message_and_its_confirm(
+    proxied_api, register, engine: Engine
+) -> None:
+    """Ten devices post at once: the api sends their heartbeats as one work message (one
+    `basic.publish` on the wire), and answers none of them before that message's confirm."""
+    devices = [register() for _ in range(10)]
+    url, proxy = proxied_api(60.0, api_linger_ms="1000")
+    assert send(url, devices[0], "warm").status_code == 202
+    before = proxy.published
+    proxy.hold()
+    with ThreadPoolExecutor(len(devices)) as pool:
+        answers = [pool.submit(send, url, d, "together") for d in devices]
+        try:
+            poll(
+                lambda: all("together" in stored(engine, d) for d in devices),
+                timeout=30,
+                what="the ten heartbeats stored",
+            )
+            assert not any(a.done() for a in answers), "answered before the confirm"
+        finally:
+            proxy.release()
+        responses = [a.result(timeout=60) for a in answers]
+    assert [r.status_code for r in responses] == [202] * len(devices)
+    assert proxy.published - before == 1
