@@ -214,18 +214,18 @@ class Worker:
         versioned, so neither overwrites the other's newer state)."""
         while not stop.is_set():
             if self.breaker.allow():
-                if not self._needs_rebuild:
-                    rebuilt = await asyncio.to_thread(self._mirror_marked)
-                    self._needs_rebuild = rebuilt is False
+                if not self._needs_rebuild and await asyncio.to_thread(self._mirror_lost):
+                    self._needs_rebuild = True  # only ever set here: a skipped write sets it too
                 if self._needs_rebuild:
                     await asyncio.to_thread(self._rebuild)
             await sleep_or_stop(stop, every_s)
 
-    def _mirror_marked(self) -> bool | None:
-        """Whether Redis holds a rebuilt mirror (one EXISTS); None when Redis is away."""
-        return self.breaker.call(
+    def _mirror_lost(self) -> bool:
+        """Redis answers, without the mark of a rebuilt mirror (one EXISTS)."""
+        marked = self.breaker.call(
             lambda: state.is_rebuilt(self.redis), service="worker", skipped="mirror not checked"
         )
+        return marked is False
 
     async def _watch_queues(self, stop: asyncio.Event, every_s: float = 5.0) -> None:
         """Consumer lag: how many messages wait in each queue (a passive declare; ready
