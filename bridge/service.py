@@ -51,7 +51,7 @@ class Bridge:
                 else:
                     log.exception("not forwarded (unexpected error), will be redelivered")
                 await asyncio.sleep(PUBLISH_RETRY_DELAY_S)  # no hot loop while the broker refuses
-                await self.acks.requeue(message)
+                self.acks.requeue(message)
                 return
             self.acks.done(message)
 

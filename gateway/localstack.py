@@ -539,6 +539,20 @@ class LocalStack:
             data = response.read()
         return json.loads(data) if data else None
 
+    def rabbitmqctl(self, *args: str) -> str:
+        """Run `rabbitmqctl` against this stack's node; returns what it printed."""
+        done = subprocess.run(
+            [str(RABBITMQCTL), "-n", self.node_name, *args],
+            env=self.rabbitmq_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise StackError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip()}")
+        return done.stdout
+
     def stop_rabbitmq(self) -> None:
         component = self.component("rabbitmq")
         pid = component.pid()
@@ -653,7 +667,10 @@ class LocalStack:
             with contextlib.suppress(urllib.error.HTTPError):  # not declared yet
                 self.management("DELETE", f"/api/queues/%2F/{queue}/contents")
 
-    def stop_postgres(self) -> None:
+    def stop_postgres(self, *, mode: str = "fast") -> None:
+        """`pg_ctl stop` in `mode`: `fast` (sessions ended, a checkpoint, then exit) or
+        `immediate` (every process quits at once, no checkpoint: the next start recovers from
+        the WAL, as after a crash)."""
         component = self.component("postgres")
         pid = component.pid()
         if pid is None:
@@ -667,7 +684,7 @@ class LocalStack:
                 "-D",
                 str(base / "data"),
                 "-m",
-                "fast",
+                mode,
                 "-w",
             ],
             check=False,
