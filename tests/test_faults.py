@@ -610,13 +610,11 @@ def test_sigterm_each_service_under_load(healthy: LocalStack, engine: Engine) ->
         load.run(1)
         load.fault()
         for name in ("worker", "bridge", "api"):
-            pid = healthy.component(name).pid()
-            started = time.monotonic()
-            os.kill(pid, signal.SIGTERM)
-            code = healthy.wait_exit(name, timeout=10)
-            took = time.monotonic() - started
-            assert code == 0, f"{name} exited with {code} after SIGTERM"
-            assert took < 10, f"{name} took {took:.1f} s to stop"
+            os.kill(healthy.component(name).pid(), signal.SIGTERM)
+            # Its open work finished (GATEWAY_SHUTDOWN_TIMEOUT_S), it exits by itself, with 0;
+            # the wait is only a deadline for a service that would not stop at all.
+            code = healthy.wait_exit(name, timeout=60)
+            assert code == 0, f"{name} exited with {code} after SIGTERM (None: still running)"
             restart_app(healthy, name)
             if name != "api":
                 load.run(1)
