@@ -208,6 +208,12 @@ class MqttLoad:
     marks: Marks
     #: When the devices had stopped and their last PUBACKs were in (or given up on).
     returned: float
+    #: CPU seconds the load generator (this process) used meanwhile.
+    cpu_s: float
+
+    def generator_cpu_share(self) -> float:
+        """Cores the devices kept busy: near 1, Python's lock bounds them, not the broker."""
+        return round(self.cpu_s / (self.returned - self.started), 2)
 
 
 def drive(
@@ -232,11 +238,11 @@ def timed_drive(
     progress: Callable[[Tally, float], None] | None = None,
 ) -> MqttLoad:
     window = durations.window if window is None else window
-    started = time.time()
+    started, cpu = time.time(), time.process_time()
     marks = Marks.after(started, durations.warm, window)
     tally = drive(stack, creds, rate, durations.warm + window + durations.tail, progress)
     offered = SATURATING_PER_S if rate is None else rate
-    return MqttLoad(tally, offered, started, marks, time.time())
+    return MqttLoad(tally, offered, started, marks, time.time(), time.process_time() - cpu)
 
 
 def mqtt_figures(load: MqttLoad, rows: list[Any]) -> dict:
@@ -254,6 +260,7 @@ def mqtt_figures(load: MqttLoad, rows: list[Any]) -> dict:
         "acknowledged": len(acked),
         "stored": len(mine),
         "lost": sorted(set(acked) - set(mine)),
+        "generator_cpu_share": load.generator_cpu_share(),
         "latency_ms": {
             "publish_to_puback": in_ms(acked[m] - sent[m] for m in measured if m in acked),
             "publish_to_commit": in_ms(
@@ -298,6 +305,7 @@ def broker_ceiling(stack: LocalStack, creds: list[Credentials], durations: Durat
         if consumer.stdout.readline().strip() != "consuming":
             raise StackError("the ceiling's consumer did not start")
         load = timed_drive(stack, creds, None, durations)
+        consumer_cpu_s = cpu_seconds(consumer.pid)
         out, _ = consumer.communicate(timeout=60)  # closes its stdin: it reports and exits
     finally:
         if consumer.poll() is None:
@@ -313,6 +321,9 @@ def broker_ceiling(stack: LocalStack, creds: list[Credentials], durations: Durat
         "consumed_per_s": round(load.marks.bucket_rate(buckets, 100)),
         "puback_per_s": round(load.marks.rate(load.tally.acked.values())),
         "consumed_per_s_old_window": round(old_window.bucket_rate(buckets, 100)),
+        # Well below one core each, neither the consumer nor the devices bounded the rate.
+        "consumer_cpu_share": round(consumer_cpu_s / (load.returned - load.started), 2),
+        "generator_cpu_share": load.generator_cpu_share(),
     }
 
 
@@ -736,17 +747,22 @@ def soak(stack: LocalStack, rate: float, durations: Durations) -> dict:
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def process_usage(stack: LocalStack) -> dict:
     usage = {}
     for name in ("bridge", "worker", "api"):
         pid = stack.component(name).pid()
         if pid is None:
             continue
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         status = Path(f"/proc/{pid}/status").read_text()
         peak = re.search(r"VmHWM:\s+(\d+) kB", status)
         usage[name] = {
-            "cpu_s": round((int(stat[11]) + int(stat[12])) / 100, 1),
+            "cpu_s": round(cpu_seconds(pid), 1),
             "peak_rss_mb": round(int(peak.group(1)) / 1024, 1) if peak else None,
         }
     return usage
@@ -795,6 +811,10 @@ def ratios(results: dict) -> dict[str, dict[str, float | None]]:
     }
 
 
+def p50_99(latency: dict[str, float]) -> str:
+    return f"{latency['p50']}/{latency['p99']}"
+
+
 def comparison(results: dict) -> str:
     """The old method's figures next to the new ones, as a terminal table."""
     c, mqtt, http = results["ceilings"], results["mqtt"], results["http"]
@@ -818,11 +838,17 @@ def comparison(results: dict) -> str:
     lines += [f"{name:<{width}}  {old!s:>10}  {new!s:>10}" for name, old, new in rows]
     for share in ("at_50pct", "at_90pct"):
         m, h = mqtt[share], http[share]
-        lines.append(
-            f"MQTT {share}: target {m['target_per_s']}/s, reached {m['puback_per_s']}/s acked, "
-            f"{m['committed_per_s']}/s committed; HTTP {share}: target {h['target_per_s']}/s, "
-            f"reached {h['accepted_per_s']}/s (202), {h['committed_per_s']}/s committed"
-        )
+        ml, hl = m["latency_ms"], h["latency_ms"]
+        lines += [
+            f"MQTT {share}: target {m['target_per_s']}/s, reached {m['puback_per_s']}/s "
+            f"(PUBACKs), {m['committed_per_s']}/s committed; p50/p99 ms: publish to PUBACK "
+            f"{p50_99(ml['publish_to_puback'])}, to commit {p50_99(ml['publish_to_commit'])}, "
+            f"received to commit {p50_99(ml['received_to_commit'])}",
+            f"HTTP {share}: target {h['target_per_s']}/s, reached {h['accepted_per_s']}/s "
+            f"(202s), {h['committed_per_s']}/s committed; p50/p99 ms: send to 202 "
+            f"{p50_99(hl['send_to_202'])}, to commit {p50_99(hl['send_to_commit'])}, "
+            f"received to commit {p50_99(hl['received_to_commit'])}",
+        ]
     return "\n".join(lines)
 
 
