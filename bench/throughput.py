@@ -481,7 +481,8 @@ def wrk(
 
 
 def wrk_static(url: str, token: str, connections: int, seconds: int = 10) -> dict:
-    """The old method's wrk: one static body (no msg_id), counted by wrk's own totals."""
+    """The old method's wrk: one static body (no msg_id), counted by wrk's own totals (from
+    its first request to its last)."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", prefix="bench-static-") as script:
         script.write(
             'wrk.method = "POST"\n'
@@ -533,6 +534,7 @@ def uvicorn_ceiling(token: str, connections: int, durations: Durations) -> dict:
                 raise StackError("bare uvicorn did not start")
             time.sleep(0.05)
         url = f"http://127.0.0.1:{BARE_PORT}/api/v1/devices/bare/heartbeats"
+        wrk_static(url, token, connections, seconds=3)  # a new process is slower at first
         run = wrk(url, token, "bare", connections, durations)
         old = wrk_static(url, token, connections)
     finally:
