@@ -4,7 +4,8 @@ Takes messages from one queue and acks them, nothing else: one `multiple` ack fo
 in a turn of the event loop, as the bridge acks its runs. It counts deliveries per 10 ms by
 the wall clock, so the benchmark counts them over the same marks as the end-to-end run's
 commits. Reads the AMQP URL from `BENCH_AMQP_URL` (never the command line, which other users
-see). Prints `consuming` once subscribed; when its standard input closes it prints
+see). Prints `consuming` once subscribed, then `consumed <total so far>` every 100 ms (the
+benchmark steers its devices by it); when its standard input closes it prints
 `{"buckets": {"<10 ms since the epoch>": count, ...}, "consumed": total}` and exits.
 
     BENCH_AMQP_URL=amqp://... python bench/inbox_consumer.py gateway.mqtt.inbox
@@ -36,6 +37,7 @@ async def consume(url: str, queue: str) -> collections.Counter[int]:
     try:
         channel = await connection.channel()
         await channel.basic_qos(prefetch_count=PREFETCH)
+        consumed = 0
         last_tag = 0
         acked_tag = 0
         flush_due = False
@@ -51,7 +53,8 @@ async def consume(url: str, queue: str) -> collections.Counter[int]:
                 task.add_done_callback(acks.discard)
 
         async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
-            nonlocal last_tag, flush_due
+            nonlocal last_tag, flush_due, consumed
+            consumed += 1
             buckets[int(time.time() * 100)] += 1
             last_tag = max(last_tag, message.delivery_tag)
             if not flush_due:
@@ -60,8 +63,16 @@ async def consume(url: str, queue: str) -> collections.Counter[int]:
 
         await channel.basic_consume(queue, on_message)
         print("consuming", flush=True)
+
+        async def report() -> None:
+            while True:
+                print(f"consumed {consumed}", flush=True)
+                await asyncio.sleep(0.1)
+
+        reporter = asyncio.create_task(report())
         while await reader.read(4096):
             pass
+        reporter.cancel()
         flush()
         if acks:
             await asyncio.wait(acks, timeout=10)
