@@ -43,6 +43,7 @@ import json
 import math
 import os
 import re
+import selectors
 import statistics
 import subprocess
 import sys
@@ -383,7 +384,10 @@ class InboxConsumer:
             text=True,
             env={**os.environ, "BENCH_AMQP_URL": stack.amqp_url_for(accounts.BRIDGE)},
         )
-        if self.process.stdout.readline().strip() != "consuming":
+        with selectors.DefaultSelector() as waiting:
+            waiting.register(self.process.stdout, selectors.EVENT_READ)
+            ready = waiting.select(timeout=60)
+        if not ready or self.process.stdout.readline().strip() != "consuming":
             self.process.kill()
             self.process.wait()
             raise StackError("the ceiling's consumer did not start")
@@ -565,6 +569,7 @@ def wrk(
             text=True,
             check=True,
             env=env,
+            timeout=seconds + 60,
         )
         lines = out.read_text().splitlines()
     sent, statuses, buckets, acked, latency, errors = [], collections.Counter(), {}, [], {}, 0
@@ -620,6 +625,7 @@ def wrk_static(url: str, token: str, connections: int, seconds: int = 10) -> dic
             capture_output=True,
             text=True,
             check=True,
+            timeout=seconds + 60,
         )
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", done.stdout).group(1))
     return {"connections": connections, "requests_per_s": round(rate)}
@@ -1078,7 +1084,7 @@ def main() -> int:
         stack.empty()  # each run starts from nothing stored
         stack.up(echo=False)
         measured = measure(stack, durations)
-    except (StackError, subprocess.CalledProcessError) as exc:
+    except (StackError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         say(f"bench failed: {exc}")
         return 1
     finally:
