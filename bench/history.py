@@ -2,17 +2,26 @@
 
 Generated data, loaded with COPY into the partitioned `heartbeats` of a database of its own on
 the bench stack (loopback only): 100,000 devices over 25 daily partitions, and 20 probe devices
-with one heartbeat a minute over the last day (the same in both sizes). Through the real api,
-for the probes, it times:
+with one heartbeat a minute over the last day (the same in both sizes). Through the real api
+it times:
 
   device page      GET /devices/{id} (state and link quality over the last hour)
   history page 1   GET /devices/{id}/heartbeats?limit=100
-  history page 10  the same, nine cursors deep
+  history page 10  the same, nine cursors deep (probes only: other devices have fewer pages)
   one-day buckets  GET /devices/{id}/metrics?name=cpu&name=mem, 1-minute buckets over 24 h
 
-and a worker batch of 500 new heartbeats (its idempotency lookup reads every older partition).
+each read three ways:
+
+  hot    the 20 probes, read again and again (after 20 warm-up requests)
+  cold   random devices, each read once, never read before in this run: their pages are in
+         PostgreSQL's buffers only if a neighbour's read brought them (the operating system's
+         page cache may still hold them from the load: dropping it takes root on the server)
+  warm   the same random devices, read a second time right after
+
+and a worker batch of 500 new heartbeats (its insert skips copies stored on earlier days).
 It reports p50 and p99 at both sizes and their ratio, writes bench/results/<date>-history.json,
-and drops its database at the end (`--keep` keeps it, and a later run reuses it).
+and drops its database at the end (`--keep` keeps it, and a later run reuses it: the random
+devices differ from run to run).
 """
 
 from __future__ import annotations
@@ -21,10 +30,11 @@ import argparse
 import io
 import json
 import os
+import random
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -207,48 +217,77 @@ def grow_to(dsn: str, size: int, now: datetime) -> float:
 # ---- reads ------------------------------------------------------------------------------------
 
 
-def timed(client: httpx.Client, requests: list[tuple[str, dict]]) -> dict:
-    for path, params in requests[:WARMUP]:
-        client.get(path, params=params).raise_for_status()
+def timed(client: httpx.Client, requests: list[tuple[str, dict]], warmup: int = 0) -> dict:
+    """p50, p95 and p99 in ms of `requests` made one after the other, the first `warmup` of
+    them not counted."""
     took = []
-    for path, params in requests[WARMUP:]:
+    for n, (path, params) in enumerate(requests):
         started = time.perf_counter()
         response = client.get(path, params=params)
-        took.append(time.perf_counter() - started)
+        if n >= warmup:
+            took.append(time.perf_counter() - started)
         response.raise_for_status()
     return {k: round(v * 1000, 2) for k, v in percentiles(took).items()}
 
 
-def measure(stack: LocalStack, dsn: str, now: datetime) -> dict:
-    probes = [f"probe-{p % PROBES:02d}" for p in range(WARMUP + REQUESTS)]
+def day_window(now: datetime) -> dict:
+    return {
+        "name": ["cpu", "mem"],
+        "since": (now - timedelta(days=1)).isoformat(),
+        "until": now.isoformat(),
+        "bucket": "1m",
+        "agg": "avg",
+    }
+
+
+def reads(now: datetime) -> dict[str, Callable[[str], tuple[str, dict]]]:
+    """Each read, as the request it makes for a device."""
+    return {
+        "device_page": lambda d: (f"/devices/{d}", {}),
+        "history_page_1": lambda d: (f"/devices/{d}/heartbeats", {"limit": PAGE}),
+        "one_day_buckets": lambda d: (f"/devices/{d}/metrics", day_window(now)),
+    }
+
+
+def hot(client: httpx.Client, now: datetime, requests: int) -> dict:
+    """The probes, read again and again (the method of the first runs, kept for comparison)."""
+    probes = [f"probe-{p % PROBES:02d}" for p in range(WARMUP + requests)]
+    result = {
+        name: timed(client, [read(d) for d in probes], WARMUP) for name, read in reads(now).items()
+    }
+    cursors = {}
+    for d in set(probes):
+        cursor = None
+        for _ in range(DEEP_PAGE - 1):
+            page = client.get(
+                f"/devices/{d}/heartbeats", params={"limit": PAGE, "cursor": cursor}
+            ).json()
+            cursor = page["next_cursor"]
+        cursors[d] = cursor
+    deep = [(f"/devices/{d}/heartbeats", {"limit": PAGE, "cursor": cursors[d]}) for d in probes]
+    result[f"history_page_{DEEP_PAGE}"] = timed(client, deep, WARMUP)
+    sample = client.get(f"/devices/{probes[0]}/metrics", params=day_window(now)).json()
+    result["one_day_buckets"]["buckets"] = len(sample["series"]["cpu"])
+    return result
+
+
+def cold_and_warm(client: httpx.Client, now: datetime, requests: int, rng: random.Random):
+    """Each read over `requests` random devices no read of this run touched before (a
+    different set per read), then over the same devices again."""
+    devices = [f"dev-{n:06d}" for n in rng.sample(range(DEVICES), requests * len(reads(now)))]
+    cold, warm = {}, {}
+    for i, (name, read) in enumerate(reads(now).items()):
+        mine = [read(d) for d in devices[i * requests : (i + 1) * requests]]
+        cold[name] = timed(client, mine)
+        warm[name] = timed(client, mine)
+    return cold, warm
+
+
+def measure(stack: LocalStack, dsn: str, now: datetime, requests: int, rng: random.Random):
     headers = {"Authorization": f"Bearer {stack.operator_token()}"}
-    result = {}
     with httpx.Client(base_url=stack.api_url + "/api/v1", headers=headers, timeout=30) as client:
-        result["device_page"] = timed(client, [(f"/devices/{d}", {}) for d in probes])
-        history = [(f"/devices/{d}/heartbeats", {"limit": PAGE}) for d in probes]
-        result["history_page_1"] = timed(client, history)
-        cursors = {}
-        for d in set(probes):
-            cursor = None
-            for _ in range(DEEP_PAGE - 1):
-                page = client.get(
-                    f"/devices/{d}/heartbeats", params={"limit": PAGE, "cursor": cursor}
-                ).json()
-                cursor = page["next_cursor"]
-            cursors[d] = cursor
-        deep = [(f"/devices/{d}/heartbeats", {"limit": PAGE, "cursor": cursors[d]}) for d in probes]
-        result[f"history_page_{DEEP_PAGE}"] = timed(client, deep)
-        window = {
-            "name": ["cpu", "mem"],
-            "since": (now - timedelta(days=1)).isoformat(),
-            "until": now.isoformat(),
-            "bucket": "1m",
-            "agg": "avg",
-        }
-        day = [(f"/devices/{d}/metrics", window) for d in probes]
-        result["one_day_buckets"] = timed(client, day)
-        sample = client.get(f"/devices/{probes[0]}/metrics", params=window).json()
-        result["one_day_buckets"]["buckets"] = len(sample["series"]["cpu"])
+        result = {"hot": hot(client, now, requests)}
+        result["cold"], result["warm"] = cold_and_warm(client, now, requests, rng)
     result["worker_batch_500"] = batch_writes(dsn, partitions.DEDUP_WINDOW_DAYS)
     result["worker_batch_500_all_days"] = batch_writes(dsn, 0)
     return result
@@ -282,23 +321,27 @@ def batch_writes(dsn: str, window_days: int, batches: int = 12) -> dict:
 
 
 def table(results: dict) -> str:
-    small, large = (results["sizes"][str(s)] for s in SIZES)
+    small, large = (results["sizes"][str(s)] for s in results["size_list"])
+    a_name, b_name = (f"{s:,}" for s in results["size_list"])
     lines = [
-        "| read | p50 at 1 M | p99 at 1 M | p50 at 50 M | p99 at 50 M | ratio p50 | ratio p99 |",
+        f"| read | p50 at {a_name} | p99 at {a_name} | p50 at {b_name} | p99 at {b_name} "
+        "| ratio p50 | ratio p99 |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name in ("device_page", "history_page_1", f"history_page_{DEEP_PAGE}", "one_day_buckets"):
-        a, b = small[name], large[name]
-        lines.append(
-            f"| {name.replace('_', ' ')} | {a['p50']} ms | {a['p99']} ms | {b['p50']} ms | "
-            f"{b['p99']} ms | {b['p50'] / a['p50']:.2f} | {b['p99'] / a['p99']:.2f} |"
-        )
+    for way in ("hot", "cold", "warm"):
+        for name, a in small[way].items():
+            b = large[way][name]
+            lines.append(
+                f"| {way}: {name.replace('_', ' ')} | {a['p50']} ms | {a['p99']} ms | "
+                f"{b['p50']} ms | {b['p99']} ms | {b['p50'] / a['p50']:.2f} | "
+                f"{b['p99'] / a['p99']:.2f} |"
+            )
     for name, what in (
         (
             "worker_batch_500",
-            f"worker batch of 500, ids looked up {partitions.DEDUP_WINDOW_DAYS} days back",
+            f"worker batch of 500, copies looked for {partitions.DEDUP_WINDOW_DAYS} days back",
         ),
-        ("worker_batch_500_all_days", f"the same, looked up in all {DAYS} days"),
+        ("worker_batch_500_all_days", f"the same, in all {DAYS} days"),
     ):
         a, b = small[name], large[name]
         lines.append(
@@ -311,21 +354,34 @@ def table(results: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="keep the generated database")
+    parser.add_argument(
+        "--sizes", type=int, nargs=2, default=SIZES, help="the two sizes, in heartbeats"
+    )
+    parser.add_argument("--requests", type=int, default=REQUESTS, help="timed reads of each kind")
+    parser.add_argument("--out", type=Path, help="the results file (default: bench/results/)")
     args = parser.parse_args()
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
     RESULTS.mkdir(exist_ok=True)
     base = LocalStack.bench()
     server = base.database_url.rsplit("/", 1)[0].replace("+psycopg2", "")
     stack = LocalStack(base.name, base.ports)
     stack.down(echo=False)
     started = time.monotonic()
-    results: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "sizes": {}}
+    results: dict = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "size_list": args.sizes,
+        "requests": args.requests,
+        "seed": seed,
+        "sizes": {},
+    }
     admin = None
     try:
         stack.up(apps=False, echo=False)
         admin = psycopg2.connect(base.database_url.replace("+psycopg2", ""))
         admin.autocommit = True
         now = datetime.now(UTC).replace(microsecond=0)
-        for size in SIZES:
+        for size in args.sizes:
             database = DATABASE.format(size=size)
             dsn = f"{server}/{database}"
             with admin.cursor() as cur:
@@ -351,7 +407,7 @@ def main() -> int:
                 "rows": rows,
                 "gib": round(on_disk / 2**30, 2),
                 "load_s": round(loaded),
-                **measure(stack, dsn, now),
+                **measure(stack, dsn, now, args.requests, rng),
             }
             stack.stop_app("api")
     except (StackError, httpx.HTTPError, psycopg2.Error) as exc:
@@ -361,14 +417,14 @@ def main() -> int:
         if admin is not None:
             if not args.keep:
                 with admin.cursor() as cur:
-                    for size in SIZES:
+                    for size in args.sizes:
                         database = DATABASE.format(size=size)
                         cur.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
             admin.close()
         stack.down(echo=False)
     results["seconds"] = round(time.monotonic() - started)
     results["partitions"] = DAYS + 4
-    out = RESULTS / f"{datetime.now(UTC):%Y-%m-%d}-history.json"
+    out = args.out or RESULTS / f"{datetime.now(UTC):%Y-%m-%d}-history.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     say(table(results))
     say(f"written to {out} in {results['seconds']} s")

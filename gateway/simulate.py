@@ -42,9 +42,9 @@ class Tally:
         with self._lock:
             self.sent[msg_id] = time.time()
 
-    def record_acked(self, msg_id: str) -> None:
+    def record_acked(self, msg_id: str, at: float | None = None) -> None:
         with self._lock:
-            self.acked[msg_id] = time.time()
+            self.acked[msg_id] = time.time() if at is None else at
 
     def record_refused(self) -> None:
         with self._lock:
@@ -103,6 +103,8 @@ class MqttDevice:
         self.tally = tally
         self.sensor = Sensor(creds.device_id, rng)
         self._pending: list[tuple[mqtt.MQTTMessageInfo, str]] = []
+        #: When each PUBACK arrived, by message id, until `settle` moves it to the tally.
+        self._puback_at: dict[int, float] = {}
         self._lock = threading.Lock()
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
@@ -115,8 +117,13 @@ class MqttDevice:
         self.client.max_inflight_messages_set(100)
         if will:
             self.client.will_set(f"devices/{creds.device_id}/status", "offline", qos=1)
+        self.client.on_publish = self._on_puback
         self.client.connect_async(host, port, keepalive=30)
         self.client.loop_start()
+
+    def _on_puback(self, client, userdata, mid, reason_code, properties) -> None:
+        # paho calls this before the message's info says published, so `settle` finds it.
+        self._puback_at[mid] = time.time()
 
     def send(self) -> None:
         msg_id, body = self.sensor.next_payload()
@@ -128,13 +135,14 @@ class MqttDevice:
             self._pending.append((info, msg_id))
 
     def settle(self) -> int:
-        """Move acknowledged publishes to the tally; returns how many are still pending."""
+        """Move acknowledged publishes to the tally, with the time their PUBACK arrived;
+        returns how many are still pending."""
         with self._lock:
             pending, self._pending = self._pending, []
         still = []
         for info, msg_id in pending:
             if info.is_published():
-                self.tally.record_acked(msg_id)
+                self.tally.record_acked(msg_id, self._puback_at.pop(info.mid, None))
             else:
                 still.append((info, msg_id))
         with self._lock:
