@@ -360,17 +360,6 @@ def mqtt_figures(load: MqttLoad, rows: list[Any]) -> dict:
 # ---- ceilings ---------------------------------------------------------------------------------
 
 
-def purge_inbox(stack: LocalStack) -> None:
-    """What a ceiling's devices published and its consumer did not take: not the bridge's."""
-
-    async def purge() -> None:
-        async with await aio_pika.connect(stack.amqp_url_for(accounts.BRIDGE)) as conn:
-            channel = await conn.channel()
-            await (await channel.get_queue(topology.MQTT_INBOX_QUEUE)).purge()
-
-    asyncio.run(purge())
-
-
 class InboxConsumer:
     """`bench/inbox_consumer.py` in a process of its own: how many messages it took so far
     (`through`, for `Steering`), and, once closed, how many per 10 ms."""
@@ -430,7 +419,7 @@ def broker_ceiling(stack: LocalStack, creds: list[Credentials], durations: Durat
         consumer_cpu_s = cpu_seconds(consumer.process.pid)
     finally:
         buckets = consumer.close()
-    purge_inbox(stack)
+    stack.purge(topology.MQTT_INBOX_QUEUE)  # what a ceiling's consumer did not take
     stack.start_app("bridge")
     stack.wait_apps(("bridge",))
     old_window = Marks(load.started, load.returned)
@@ -483,7 +472,7 @@ def broker_ceiling_old(stack: LocalStack, creds: list[Credentials], seconds: flo
         return rate, len(tally.acked) / seconds
 
     consumed, published = asyncio.run(run())
-    purge_inbox(stack)
+    stack.purge(topology.MQTT_INBOX_QUEUE)  # what a ceiling's consumer did not take
     stack.start_app("bridge")
     stack.wait_apps(("bridge",))
     return {"consumed_per_s": round(consumed), "puback_per_s": round(published)}

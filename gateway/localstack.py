@@ -14,6 +14,7 @@ plain MQTT listener and no plain public api listener.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -663,9 +664,22 @@ class LocalStack:
         self.migrate()
         with contextlib.closing(redis.Redis.from_url(self.redis_url)) as client:
             client.flushdb()
-        for queue in (topology.MQTT_INBOX_QUEUE, topology.WORK_QUEUE, topology.REJECTED_QUEUE):
-            with contextlib.suppress(urllib.error.HTTPError):  # not declared yet
-                self.management("DELETE", f"/api/queues/%2F/{queue}/contents")
+        self.purge(topology.MQTT_INBOX_QUEUE, topology.WORK_QUEUE, topology.REJECTED_QUEUE)
+
+    def purge(self, *queues: str) -> None:
+        """Empty these queues of the gateway (over AMQP as the bridge, whose account may read
+        every one: the administrator has no access to the vhost's messages)."""
+        import aio_pika
+        from aio_pika.exceptions import ChannelNotFoundEntity
+
+        async def purge_all() -> None:
+            async with await aio_pika.connect(self.amqp_url_for(accounts.BRIDGE)) as connection:
+                for queue in queues:
+                    channel = await connection.channel()
+                    with contextlib.suppress(ChannelNotFoundEntity):  # not declared yet
+                        await (await channel.get_queue(queue)).purge()
+
+        asyncio.run(purge_all())
 
     def stop_postgres(self, *, mode: str = "fast") -> None:
         """`pg_ctl stop` in `mode`: `fast` (sessions ended, a checkpoint, then exit) or

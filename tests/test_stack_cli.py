@@ -115,3 +115,33 @@ def test_run_starts_everything_and_ctrl_c_stops_everything(apps: LocalStack) -> 
         with contextlib.suppress(Exception):
             stack.down(echo=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_stack_empties_its_queues(stack) -> None:
+    """What benchmarks start from: `LocalStack.purge` empties a gateway queue (the administrator
+    may not; the bridge's account does)."""
+    import asyncio
+
+    import aio_pika
+
+    from gateway import accounts
+
+    name = f"gateway.purge-{uuid.uuid4().hex[:8]}"
+
+    async def depth_after(purge: bool) -> int:
+        async with await aio_pika.connect(stack.amqp_url_for(accounts.BRIDGE)) as connection:
+            channel = await connection.channel()
+            exchange = await channel.declare_exchange(name, "fanout")
+            queue = await channel.declare_queue(name)
+            await queue.bind(exchange)
+            if not purge:
+                await exchange.publish(aio_pika.Message(b"x"), "")
+                return 0
+            declared = await channel.declare_queue(name, passive=True)
+            await queue.delete(if_unused=False, if_empty=False)
+            await exchange.delete()
+            return declared.declaration_result.message_count
+
+    asyncio.run(depth_after(purge=False))
+    stack.purge(name, "gateway.never-declared")
+    assert asyncio.run(depth_after(purge=True)) == 0
