@@ -145,3 +145,77 @@ def test_the_stack_empties_its_queues(stack) -> None:
     asyncio.run(depth_after(purge=False))
     stack.purge(name, "gateway.never-declared")
     assert asyncio.run(depth_after(purge=True)) == 0
+
+
+@pytest.mark.slow
+def test_a_deleted_secret_is_replaced_at_the_next_start(apps: LocalStack) -> None:
+    """The rotation procedure of docs/security.md for the local stack: delete a secret's file,
+    restart, and the old password is refused while the new one works (a broker account,
+    PostgreSQL's role and Redis), on a stack of its own."""
+    import asyncio
+
+    import aio_pika
+    import psycopg2
+    import redis
+
+    from gateway import accounts
+
+    root = PROJECT_ROOT / ".run" / f"rotate-{uuid.uuid4().hex[:8]}"
+    stack = LocalStack("rotate", Ports(*free_ports(len(dataclasses.fields(TEST_PORTS)))), root=root)
+
+    def amqp_ok(password: str) -> bool:
+        async def attempt() -> bool:
+            url = f"amqp://{accounts.BRIDGE}:{password}@127.0.0.1:{stack.ports.amqp}/%2F"
+            try:
+                await (await aio_pika.connect(url, timeout=10)).close()
+            except Exception:  # refused during the handshake, in one of several ways
+                return False
+            return True
+
+        return asyncio.run(attempt())
+
+    def postgres_ok(password: str) -> bool:
+        try:
+            psycopg2.connect(
+                host="127.0.0.1",
+                port=stack.ports.postgres,
+                user="gateway",
+                password=password,
+                dbname="gateway",
+                connect_timeout=5,
+            ).close()
+        except psycopg2.OperationalError:
+            return False
+        return True
+
+    def redis_ok(password: str) -> bool:
+        client = redis.Redis(port=stack.ports.redis, password=password, socket_timeout=5)
+        try:
+            return bool(client.ping())
+        except redis.AuthenticationError:
+            return False
+        finally:
+            client.close()
+
+    checks = {
+        f"broker-{accounts.BRIDGE}": amqp_ok,
+        "postgres": postgres_ok,
+        "redis": redis_ok,
+    }
+    try:
+        stack.up(apps=False, echo=False)
+        old = {name: stack.secret(name) for name in checks}
+        assert all(check(old[name]) for name, check in checks.items())
+        stack.down(echo=False)
+        for name in checks:
+            (stack.run_dir / "secrets" / name).unlink()
+        stack.up(apps=False, echo=False)
+        for name, check in checks.items():
+            new = stack.secret(name)
+            assert new != old[name]
+            assert check(new), f"{name}: the new password is refused"
+            assert not check(old[name]), f"{name}: the old password still works"
+    finally:
+        with contextlib.suppress(Exception):
+            stack.down(echo=False)
+        shutil.rmtree(root, ignore_errors=True)
