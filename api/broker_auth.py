@@ -3,7 +3,7 @@
 They are served only on the api's internal listener (`GATEWAY_API_INTERNAL_PORT`, bound to the
 internal interface), never on the public one, and they answer `deny` on any error. RabbitMQ
 checks its internal users (the services' accounts) first; everyone else is a device, and every
-check must come from the device's own MQTT session (`gateway.access.own_session`).
+check must come from the device's own MQTT session (`gateway.amqp.access.own_session`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import PlainTextResponse
 
 from api.context import Context, context
-from gateway import access, metrics, registry
-from gateway.credentials import token_hash
-from gateway.topics import DEVICE_ID_RE
+from gateway.amqp import access
+from gateway.contract.credentials import token_hash
+from gateway.contract.topics import DEVICE_ID_RE
+from gateway.runtime import metrics
+from gateway.storage import registry
 
 log = logging.getLogger(__name__)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated
@@ -16,10 +18,12 @@ from sqlalchemy import Engine
 
 from api.stream import StatusStream
 from api.tokens import TokenCache
-from gateway.broker import Forwarder, Publisher
-from gateway.settings import ApiSettings
-from gateway.state import Breaker
-from gateway.topics import DEVICE_ID_PATTERN, DEVICE_ID_RULE
+from gateway.amqp.connection import connect
+from gateway.amqp.publisher import Forwarder, Publisher
+from gateway.contract.topics import DEVICE_ID_PATTERN, DEVICE_ID_RULE
+from gateway.runtime.settings import ApiSettings
+from gateway.storage.engine import make_engine
+from gateway.storage.mirror import Breaker
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,55 @@ class Context:
     redis_breaker: Breaker = field(default_factory=Breaker)
     #: Device tokens already checked (evicted on any credential change).
     tokens: TokenCache = field(default_factory=TokenCache)
+
+
+@asynccontextmanager
+async def open_context(settings: ApiSettings) -> AsyncIterator[Context]:
+    """The connections of one api process, for as long as it serves."""
+    # Every statement of the api is bounded: a read that would run for minutes answers 503
+    # instead of holding a pooled connection (and a thread) for as long.
+    timeout_ms = settings.api_statement_timeout_ms
+    engine = make_engine(
+        str(settings.database_url), pool_size=4, pre_ping=False, statement_timeout_ms=timeout_ms
+    )
+    reads = make_engine(
+        str(settings.database_url),
+        pool_size=10,
+        pre_ping=False,
+        autocommit=True,
+        statement_timeout_ms=timeout_ms,
+    )
+    cache = redis.Redis.from_url(
+        str(settings.redis_url), socket_timeout=1, socket_connect_timeout=1
+    )
+    connection = await connect(str(settings.amqp_url), name="gateway-api")
+    try:
+        publisher = await Publisher.open(connection, timeout=settings.api_confirm_timeout_s)
+        tokens = TokenCache()
+        stream = StatusStream(engine.url, tokens)
+        stream.start()
+        forwarder = Forwarder(
+            publisher, size=settings.api_batch_size, linger_s=settings.api_linger_ms / 1000
+        )
+        try:
+            yield Context(
+                settings,
+                engine,
+                cache,
+                connection,
+                publisher,
+                stream,
+                reads,
+                forwarder,
+                tokens=tokens,
+            )
+        finally:
+            stream.stop()
+    finally:
+        await connection.close()
+        engine.dispose()
+        reads.dispose()
+        cache.close()
 
 
 async def context(request: Request) -> Context:

@@ -21,7 +21,7 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.settings import ApiSettings
+from gateway.runtime.settings import ApiSettings
 
 log = logging.getLogger(__name__)
 

@@ -19,14 +19,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.context import Context, DevicePath, context
 from api.responses import errors, unauthorized
-from gateway import logs, metrics, registry
-from gateway.broker import PublishFailed
-from gateway.convert import heartbeat_from
-from gateway.credentials import token_hash
-from gateway.errors import InputError, Reason, unforeseen
-from gateway.messages import Rejection, Source, utcnow
-from gateway.payload import MAX_PAYLOAD_BYTES, wire_schema
-from gateway.topics import DEVICE_ID_RE
+from gateway.amqp.publisher import PublishFailed
+from gateway.contract.conversion import heartbeat_from
+from gateway.contract.credentials import token_hash
+from gateway.contract.messages import Rejection, Source, utcnow
+from gateway.contract.payload import MAX_PAYLOAD_BYTES, wire_schema
+from gateway.contract.reasons import InputError, Reason, unforeseen
+from gateway.contract.topics import DEVICE_ID_RE
+from gateway.runtime import logs, metrics
+from gateway.storage import registry
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["devices"])

@@ -21,8 +21,8 @@ from uvicorn.supervisors import Multiprocess
 
 from api import https
 from api.app import create_server
-from gateway import logs
-from gateway.settings import ApiSettings, load
+from gateway.runtime import logs, metrics
+from gateway.runtime.settings import ApiSettings, load
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -77,7 +77,9 @@ def main() -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
     if settings.api_workers > 1:
-        Multiprocess(config, sockets=sockets).run()
+        # Set before the workers start, so their metrics are summed at every scrape.
+        with metrics.multiprocess_directory():
+            Multiprocess(config, sockets=sockets).run()
     else:
         uvicorn.Server(config).run(sockets=sockets)
     return 0

@@ -19,13 +19,14 @@ from api.auth import Operator
 from api.context import Context, DevicePath, Since, Until, context
 from api.responses import errors
 from api.stream import OVERFLOW
-from gateway import quality, queries, registry, sessions, state
-from gateway.credentials import token_hash
-from gateway.errors import Reason
-from gateway.liveness import StatusEvent
-from gateway.messages import DeviceStatus, utcnow
-from gateway.payload import METRIC_NAME_PATTERN
-from gateway.queries import (
+from gateway.amqp import sessions
+from gateway.contract.credentials import token_hash
+from gateway.contract.messages import DeviceStatus, utcnow
+from gateway.contract.payload import METRIC_NAME_PATTERN
+from gateway.contract.reasons import Reason
+from gateway.storage import mirror, quality, reads, registry
+from gateway.storage.liveness import StatusEvent
+from gateway.storage.reads import (
     MAX_CURSOR,
     MAX_PAGE,
     DeviceView,
@@ -63,7 +64,7 @@ def list_devices(
     cursor: Cursor = None,
 ) -> Page[DeviceView]:
     with ctx.reads.connect() as conn:
-        return queries.list_devices(conn, status=status_, limit=limit, cursor=cursor)
+        return reads.list_devices(conn, status=status_, limit=limit, cursor=cursor)
 
 
 @router.post(
@@ -132,11 +133,11 @@ def _tokens_changed(ctx: Context, device_id: str, token: str | None = None) -> N
     anyio.from_thread.run_sync(ctx.tokens.changed, device_id, digest)
 
 
-def _mirror(ctx: Context, device: state.DeviceState) -> None:
+def _mirror(ctx: Context, device: mirror.DeviceState) -> None:
     """Registry changes reach the Redis read path at once (best effort: when Redis is down,
     the worker rebuilds the mirror from PostgreSQL once it is back)."""
     ctx.redis_breaker.call(
-        lambda: state.mirror(ctx.redis, [device]),
+        lambda: mirror.mirror(ctx.redis, [device]),
         service="api",
         skipped=f"device {device.device_id} not mirrored",
     )
@@ -153,7 +154,7 @@ def get_device(device_id: DevicePath, ctx: Ctx) -> DeviceView:
     device = _cached_state(ctx, device_id)
     with ctx.reads.connect() as conn:
         if device is None:
-            device = queries.get_device(conn, device_id)
+            device = reads.get_device(conn, device_id)
         if device is None:
             raise _no_device(device_id)
         link = quality.link_quality(conn, device_id, now) if device.last_seen else None
@@ -167,15 +168,15 @@ def _no_device(device_id: str) -> HTTPException:
 def _require_device(conn: Connection, device_id: str, empty: R) -> R:
     """An empty answer, or 404 when the device is unknown (asked only when the answer came back
     empty: a device with data exists)."""
-    if queries.get_device(conn, device_id) is None:
+    if reads.get_device(conn, device_id) is None:
         raise _no_device(device_id)
     return empty
 
 
-def _cached_state(ctx: Context, device_id: str) -> state.DeviceState | None:
+def _cached_state(ctx: Context, device_id: str) -> mirror.DeviceState | None:
     """Redis first; PostgreSQL answers (slower) when Redis is down or has no copy."""
     return ctx.redis_breaker.call(
-        lambda: state.read(ctx.redis, device_id), service="api", skipped="reading from PostgreSQL"
+        lambda: mirror.read(ctx.redis, device_id), service="api", skipped="reading from PostgreSQL"
     )
 
 
@@ -193,7 +194,7 @@ def list_heartbeats(
     cursor: Cursor = None,
 ) -> Page[HeartbeatRecord]:
     with ctx.reads.connect() as conn:
-        page = queries.list_heartbeats(
+        page = reads.list_heartbeats(
             conn, device_id, since=since, until=until, limit=limit, cursor=cursor
         )
         return page if page.items else _require_device(conn, device_id, page)
@@ -218,11 +219,11 @@ def device_metrics(
         Query(
             pattern=r"^[1-9][0-9]{0,4}[smhd]$",
             description="bucket width: 1 to 99999 seconds, minutes, hours or days (s, m, h, d); "
-            f"at most {queries.MAX_BUCKETS} buckets in the window",
+            f"at most {reads.MAX_BUCKETS} buckets in the window",
         ),
     ] = "1m",
-    agg: queries.Aggregate = "avg",
-) -> queries.MetricSeries:
+    agg: reads.Aggregate = "avg",
+) -> reads.MetricSeries:
     """Buckets start at multiples of the width (from 2000-01-01T00:00Z); a bucket without a
     value of that metric is absent. Default window: the 24 hours before `until` (now).
     `avg`, `min` and `max` are computed exactly (PostgreSQL numeric) over the numbers
@@ -234,7 +235,7 @@ def device_metrics(
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "since must be before until")
     with ctx.reads.connect() as conn:
         try:
-            series = queries.metric_series(
+            series = reads.metric_series(
                 conn,
                 device_id,
                 list(dict.fromkeys(name)),
@@ -256,7 +257,7 @@ def fleet(
     ] = 10,
 ) -> Fleet:
     with ctx.reads.connect() as conn:
-        return queries.fleet_counts(conn, recent=recent)
+        return reads.fleet_counts(conn, recent=recent)
 
 
 @router.get(
@@ -268,7 +269,7 @@ def list_events(
     device_id: DevicePath, ctx: Ctx, limit: Limit = 100, cursor: Cursor = None
 ) -> Page[StatusEvent]:
     with ctx.reads.connect() as conn:
-        page = queries.list_events(conn, device_id, limit=limit, cursor=cursor)
+        page = reads.list_events(conn, device_id, limit=limit, cursor=cursor)
         return page if page.items else _require_device(conn, device_id, page)
 
 
@@ -330,7 +331,7 @@ def list_rejected(
     cursor: Cursor = None,
 ) -> Page[RejectedRecord]:
     with ctx.reads.connect() as conn:
-        return queries.list_rejected(
+        return reads.list_rejected(
             conn,
             device_id=device_id,
             reason=reason,

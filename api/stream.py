@@ -21,7 +21,8 @@ import psycopg2.extensions
 from sqlalchemy.engine import URL
 
 from api.tokens import TokenCache
-from gateway import liveness, registry
+from gateway.runtime.retry import Backoff
+from gateway.storage import liveness, registry
 
 log = logging.getLogger(__name__)
 Connection = psycopg2.extensions.connection
@@ -105,20 +106,19 @@ class StatusStream:
             self._loop.call_soon_threadsafe(callback, *args)
 
     def _listen(self) -> None:
-        delay = 0.5
+        backoff = Backoff(0.5, 5.0)
         while not self._stop.is_set():
             try:
                 conn = psycopg2.connect(self._dsn, connect_timeout=5)
             except psycopg2.Error as exc:
                 log.warning("status stream cannot reach PostgreSQL (%s); retrying", exc)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 5.0)
+                self._stop.wait(backoff.next())
                 continue
             try:
                 conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
                 conn.cursor().execute(f"LISTEN {liveness.CHANNEL}")
                 conn.cursor().execute(f"LISTEN {registry.CREDENTIALS_CHANNEL}")
-                delay = 0.5
+                backoff.reset()
                 self._activate_tokens(conn)
                 while not self._stop.is_set():
                     if select.select([conn], [], [], 1.0)[0]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
-from gateway.registry import Identity
+from gateway.storage.registry import Identity
 
 #: A safety net only: entries are evicted on change, not by age.
 TTL_S = 60.0

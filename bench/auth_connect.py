@@ -20,9 +20,9 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from gateway import registry
-from gateway.db import make_engine
-from gateway.localstack import LocalStack, running
+from gateway.devtools.localstack import LocalStack, running
+from gateway.storage import registry
+from gateway.storage.engine import make_engine
 
 RESULTS = Path(__file__).parent / "results"
 NO_CACHE = {"auth_backends.2.authz": "http"}

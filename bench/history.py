@@ -42,12 +42,12 @@ import httpx
 import psycopg2
 from sqlalchemy import create_engine
 
-from gateway import partitions, store
-from gateway.db import migrate
-from gateway.localstack import LocalStack, StackError
-from gateway.messages import Heartbeat, Source
-from gateway.payload import HeartbeatPayload
-from gateway.simulate import percentiles
+from gateway.contract.messages import Heartbeat, Source
+from gateway.contract.payload import HeartbeatPayload
+from gateway.devtools.localstack import LocalStack, StackError
+from gateway.devtools.simulate import percentiles
+from gateway.storage import partitions, writes
+from gateway.storage.engine import migrate
 
 RESULTS = Path(__file__).parent / "results"
 DATABASE = "history_{size}"
@@ -310,7 +310,7 @@ def batch_writes(dsn: str, window_days: int, batches: int = 12) -> dict:
         ]
         started = time.perf_counter()
         with engine.begin() as conn:
-            store.write_batch(conn, beats, dedup_window_days=window_days)
+            writes.write_batch(conn, beats, dedup_window_days=window_days)
         took.append(time.perf_counter() - started)
     engine.dispose()
     took = took[2:]  # the first batches warm the connection and caches

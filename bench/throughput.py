@@ -63,15 +63,16 @@ import httpx
 import psycopg2
 from sqlalchemy import func, literal_column, select
 
-from gateway import accounts, registry, topology
-from gateway.broker import Publisher
-from gateway.db import make_engine
-from gateway.localstack import LocalStack, StackError, port_open, require_system_packages
-from gateway.messages import MESSAGE_NAMESPACE, Heartbeat, Source, WorkBatch
-from gateway.payload import HeartbeatPayload
-from gateway.schema import heartbeats
-from gateway.settings import BridgeSettings
-from gateway.simulate import Credentials, Simulation, Tally, percentiles
+from gateway.amqp import accounts, topology
+from gateway.amqp.publisher import Publisher
+from gateway.contract.messages import MESSAGE_NAMESPACE, Heartbeat, Source, WorkBatch
+from gateway.contract.payload import HeartbeatPayload
+from gateway.devtools.localstack import LocalStack, StackError, port_open, require_system_packages
+from gateway.devtools.simulate import Credentials, Simulation, Tally, percentiles
+from gateway.runtime.settings import BridgeSettings
+from gateway.storage import registry
+from gateway.storage.engine import make_engine
+from gateway.storage.schema import heartbeats
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -704,7 +705,9 @@ def persisted(stack: LocalStack) -> Callable[[], int]:
     def through() -> int:
         with urllib.request.urlopen(url, timeout=5) as answer:
             text = answer.read().decode()
-        return int(float(re.search(r"^gateway_heartbeats_persisted_total (\S+)$", text, re.M)[1]))
+        return int(
+            float(re.search(r"^gateway_heartbeats_persisted_messages_total (\S+)$", text, re.M)[1])
+        )
 
     return through
 

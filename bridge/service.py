@@ -8,15 +8,18 @@ import time
 
 import aio_pika.abc
 
-from gateway import metrics, topology
-from gateway.broker import Acks, Forwarder, Publisher, PublishFailed, connect
-from gateway.convert import Forward, Ignore, Outcome, Reject, convert
-from gateway.errors import unforeseen
-from gateway.health import HealthServer, broker_ready
-from gateway.messages import Rejection, Source
-from gateway.service import InFlight, sleep_or_stop
-from gateway.settings import BridgeSettings
-from gateway.topics import mqtt_topic
+from gateway.amqp import topology
+from gateway.amqp.acks import Acks
+from gateway.amqp.connection import broker_ready, connect
+from gateway.amqp.publisher import Forwarder, Publisher, PublishFailed
+from gateway.contract.conversion import Forward, Ignore, Outcome, Reject, convert
+from gateway.contract.messages import Rejection, Source
+from gateway.contract.reasons import unforeseen
+from gateway.contract.topics import mqtt_topic
+from gateway.runtime import metrics
+from gateway.runtime.health import HealthServer
+from gateway.runtime.lifecycle import InFlight, sleep_or_stop
+from gateway.runtime.settings import BridgeSettings
 
 log = logging.getLogger(__name__)
 

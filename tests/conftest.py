@@ -1,6 +1,6 @@
 """Test harness: real RabbitMQ (with the MQTT plugin), PostgreSQL and Redis.
 
-The harness starts the project's `test` stack (its own ports, see gateway/localstack.py) and
+The harness starts the project's `test` stack (its own ports, see gateway/devtools/localstack) and
 stops it at the end if it started it. Integration tests get a RabbitMQ vhost of their own, so
 in-process bridges and workers never compete with the stack's processes. A missing service
 skips these tests locally, with the reason, and fails them under CI=true.
@@ -21,9 +21,9 @@ import redis
 from sqlalchemy import Engine
 from support import OPERATOR_TOKEN, Device, unavailable, unique
 
-from gateway import accounts
-from gateway.db import make_engine
-from gateway.localstack import LocalStack, StackError
+from gateway.amqp import accounts
+from gateway.devtools.localstack import LocalStack, StackError
+from gateway.storage.engine import make_engine
 
 
 @pytest.fixture(scope="session")

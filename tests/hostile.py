@@ -21,8 +21,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from gateway.payload import EPOCH_MS_THRESHOLD, MAX_INT, TS_MAX, TS_MIN
-from gateway.topics import TopicKind
+from gateway.contract.payload import EPOCH_MS_THRESHOLD, MAX_INT, TS_MAX, TS_MIN
+from gateway.contract.topics import TopicKind
 
 CORPUS = Path(__file__).parent / "corpus"
 

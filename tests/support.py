@@ -101,7 +101,7 @@ SEED_SHAPE = {
 @contextlib.contextmanager
 def mqtt_session(mqtt_port: int, device: Device) -> Iterator[Any]:
     """A connected MQTT client of `device` (paho, QoS 1 ready), closed afterwards."""
-    from gateway.simulate import Credentials, MqttDevice, Tally
+    from gateway.devtools.simulate import Credentials, MqttDevice, Tally
 
     sim = MqttDevice(
         Credentials(device.device_id, device.token),
@@ -140,14 +140,14 @@ def assert_stored_as_sent(engine: Any, sent: Any, zone: str) -> None:
     from pydantic import TypeAdapter
     from sqlalchemy import select, text
 
-    from gateway import store
-    from gateway.messages import Heartbeat
-    from gateway.payload import StoredMetricValue
-    from gateway.schema import heartbeats
+    from gateway.contract.messages import Heartbeat
+    from gateway.contract.payload import StoredMetricValue
+    from gateway.storage import writes
+    from gateway.storage.schema import heartbeats
 
     with engine.connect() as conn, conn.begin() as transaction:
         conn.execute(text("SELECT set_config('TimeZone', :zone, true)"), {"zone": zone})
-        assert store.write_batch(conn, [sent, sent]).inserted == 1
+        assert writes.write_batch(conn, [sent, sent]).inserted == 1
         row = conn.execute(select(heartbeats).where(heartbeats.c.id == sent.id)).mappings().one()
         transaction.rollback()
     got = Heartbeat.model_validate({**row, "metrics": {}})

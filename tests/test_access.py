@@ -21,9 +21,10 @@ from pydantic import ValidationError
 from sqlalchemy import create_engine
 from support import Device, history, poll, publish_acked, unique
 
-from gateway import accounts, registry
-from gateway.localstack import LocalStack
-from gateway.settings import ApiSettings
+from gateway.amqp import accounts
+from gateway.devtools.localstack import LocalStack
+from gateway.runtime.settings import ApiSettings
+from gateway.storage import registry
 
 pytestmark = pytest.mark.e2e
 

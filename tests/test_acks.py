@@ -13,7 +13,7 @@ import aio_pika
 import aio_pika.abc
 import pytest
 
-from gateway.broker import Acks
+from gateway.amqp.acks import Acks
 
 
 @dataclass(eq=False)

@@ -27,10 +27,10 @@ from schemathesis.specs.openapi.checks import (
 from sqlalchemy import Engine, select
 from support import OPERATOR_TOKEN, Device, history, poll
 
-from gateway.localstack import LocalStack
-from gateway.messages import MAX_REJECTED_BYTES
-from gateway.payload import MAX_INT, MAX_PAYLOAD_BYTES
-from gateway.schema import heartbeats, rejected
+from gateway.contract.messages import MAX_REJECTED_BYTES
+from gateway.contract.payload import MAX_INT, MAX_PAYLOAD_BYTES
+from gateway.devtools.localstack import LocalStack
+from gateway.storage.schema import heartbeats, rejected
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -15,7 +15,7 @@ import pytest
 from hostile import RawMqtt
 from support import Device, history, mqtt_session, poll, publish_acked
 
-from gateway.localstack import LocalStack
+from gateway.devtools.localstack import LocalStack
 
 pytestmark = pytest.mark.e2e
 

@@ -36,10 +36,9 @@ from hostile import (
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from gateway import frames
-from gateway.convert import Forward, Ignore, Reject, convert, heartbeat_from
-from gateway.errors import MAX_DETAIL, InputError, Reason, storable_text
-from gateway.messages import (
+from gateway.amqp import frames
+from gateway.contract.conversion import Forward, Ignore, Reject, convert, heartbeat_from
+from gateway.contract.messages import (
     Heartbeat,
     Rejection,
     Source,
@@ -51,8 +50,15 @@ from gateway.messages import (
     read_work,
     to_json,
 )
-from gateway.payload import EPOCH_MS_THRESHOLD, TS_MAX, TS_MIN, HeartbeatPayload, parse_timestamp
-from gateway.topics import DEVICE_ID_RE
+from gateway.contract.payload import (
+    EPOCH_MS_THRESHOLD,
+    TS_MAX,
+    TS_MIN,
+    HeartbeatPayload,
+    parse_timestamp,
+)
+from gateway.contract.reasons import MAX_DETAIL, InputError, Reason, storable_text
+from gateway.contract.topics import DEVICE_ID_RE
 from worker.batcher import _weight
 
 SETTINGS = settings(
@@ -147,7 +153,7 @@ def test_an_unforeseen_exception_becomes_its_own_dead_letter(monkeypatch) -> Non
     def broken(raw: bytes) -> HeartbeatPayload:
         raise OverflowError("date value out of range")
 
-    monkeypatch.setattr("gateway.convert.parse_payload", broken)
+    monkeypatch.setattr("gateway.contract.conversion.parse_payload", broken)
     outcome = convert("devices.d-1.heartbeat", b"{}", T0)
     assert isinstance(outcome, Reject)
     assert outcome.rejection.reason == Reason.UNEXPECTED_ERROR

@@ -37,12 +37,13 @@ from support import apoll, assert_stored_as_sent, serving, unique
 from test_bridge_integration import bridge_for, declared, publish_as_mqtt, take
 from test_worker_integration import beat, count_rows, open_publisher, worker_for
 
-from gateway import store, topology
-from gateway.broker import ITEMS_HEADER
-from gateway.convert import Forward, convert
-from gateway.messages import Rejection, encode_work, read_dead_letter
-from gateway.payload import TS_MAX, TS_MIN
-from gateway.schema import rejected
+from gateway.amqp import topology
+from gateway.amqp.publisher import ITEMS_HEADER
+from gateway.contract.conversion import Forward, convert
+from gateway.contract.messages import Rejection, encode_work, read_dead_letter
+from gateway.contract.payload import TS_MAX, TS_MIN
+from gateway.storage import writes
+from gateway.storage.schema import rejected
 
 pytestmark = pytest.mark.integration
 
@@ -218,7 +219,7 @@ def test_any_dead_letter_the_worker_reads_is_stored_and_read_back(
     of it goes into PostgreSQL and comes back as it was."""
     rejection = read_dead_letter(headers, body[:300])
     with engine.connect() as conn, conn.begin() as transaction:
-        assert store.write_rejections(conn, [rejection, rejection]).kept <= 1
+        assert writes.write_rejections(conn, [rejection, rejection]).kept <= 1
         row = conn.execute(select(rejected).where(rejected.c.id == rejection.id)).mappings().one()
         transaction.rollback()
     stored = {k: row[k] for k in ("reason", "detail", "source", "device_id", "topic", "size")}

@@ -17,10 +17,11 @@ import pytest
 from support import apoll, serving, unique
 
 from bridge.service import Bridge
-from gateway import metrics, topology
-from gateway.broker import ITEMS_HEADER
-from gateway.messages import MESSAGE_NAMESPACE, Rejection, decode_work
-from gateway.settings import BridgeSettings
+from gateway.amqp import topology
+from gateway.amqp.publisher import ITEMS_HEADER
+from gateway.contract.messages import MESSAGE_NAMESPACE, Rejection, decode_work
+from gateway.runtime import metrics
+from gateway.runtime.settings import BridgeSettings
 
 pytestmark = pytest.mark.integration
 

@@ -1,5 +1,5 @@
-"""The local CA and server certificates (gateway/certificates.py), and how the local stack uses
-them: made once and reused, renewed under the same CA, the user's own files left alone, keys
+"""The local CA and server certificates (gateway/runtime/certificates.py), and how the local stack
+uses them: made once and reused, renewed under the same CA, the user's own files left alone, keys
 private, and what a TLS client checks (chain, host names) holds."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import certificates
-from gateway.certificates import TlsFiles
-from gateway.localstack import LocalStack, StackError, config_lines
+from gateway.devtools.localstack import LocalStack, StackError, config_lines
+from gateway.runtime import certificates
+from gateway.runtime.certificates import TlsFiles
 
 
 def handshake(files: TlsFiles, host: str) -> str:

@@ -24,8 +24,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from gateway import accounts, settings
-from gateway.localstack import LocalStack
+from gateway.amqp import accounts
+from gateway.devtools.localstack import LocalStack
+from gateway.runtime import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yaml"
@@ -319,8 +320,8 @@ def test_gateway_variables_are_settings_fields(services: dict[str, Any], name: s
     gateway_variables = {var for var in environment(services[name]) if var.startswith("GATEWAY_")}
     unknown = sorted(gateway_variables - accepted_variables())
     assert not unknown, (
-        f"service {name} sets {unknown}, which no settings class in gateway/settings.py reads "
-        "(a typo, or a renamed field?)"
+        f"service {name} sets {unknown}, which no settings class in gateway/runtime/settings.py "
+        "reads (a typo, or a renamed field?)"
     )
 
 
@@ -608,8 +609,8 @@ def test_tls_init_writes_the_files_the_services_read(
 ) -> None:
     """Run tls-init's own command (into a temporary folder): the files rabbitmq.conf and the
     api's settings name are there, for the compose host names, readable by both readers."""
-    from gateway.certificates import covered_names
-    from gateway.cli import main as gateway
+    from gateway.cli.main import main as gateway
+    from gateway.runtime.certificates import covered_names
 
     words = [interpolate(word) for word in command_words(services["tls-init"])]
     assert words[:3] == ["gateway", "tls", "init"], f"tls-init runs {words}"
@@ -692,7 +693,7 @@ def test_broker_definitions_writes_what_rabbitmq_loads(
 ) -> None:
     """Run broker-definitions' own command with the secrets: the topology of the repo's file
     and every account, with hashes of the given passwords (never the passwords)."""
-    from gateway.cli import main as gateway
+    from gateway.cli.main import main as gateway
 
     service = services["broker-definitions"]
     words = [interpolate(word) for word in command_words(service)]

@@ -13,10 +13,10 @@ from datetime import UTC, datetime
 import pytest
 from hostile import corpus, corpus_bytes, corpus_headers
 
-from gateway.convert import Forward, Reject, convert, heartbeat_from
-from gateway.errors import InputError, Reason
-from gateway.messages import Source, read_dead_letter, read_work
-from gateway.topics import mqtt_topic
+from gateway.contract.conversion import Forward, Reject, convert, heartbeat_from
+from gateway.contract.messages import Source, read_dead_letter, read_work
+from gateway.contract.reasons import InputError, Reason
+from gateway.contract.topics import mqtt_topic
 
 T0 = datetime(2026, 11, 29, 10, 0, tzinfo=UTC)
 

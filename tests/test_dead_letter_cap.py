@@ -19,12 +19,12 @@ from sqlalchemy import Engine, func, select
 from support import apoll, poll, serving, unique
 from test_worker_integration import worker_for
 
-from gateway import store
-from gateway.broker import Publisher
-from gateway.errors import InputError, Reason
-from gateway.localstack import LocalStack
-from gateway.messages import Rejection, Source
-from gateway.schema import rejected, rejected_counts
+from gateway.amqp.publisher import Publisher
+from gateway.contract.messages import Rejection, Source
+from gateway.contract.reasons import InputError, Reason
+from gateway.devtools.localstack import LocalStack
+from gateway.storage import writes
+from gateway.storage.schema import rejected, rejected_counts
 
 pytestmark = pytest.mark.integration
 
@@ -67,9 +67,9 @@ def stored(engine: Engine, device_id: str | None, hour: datetime) -> dict[str, l
     return found
 
 
-def write(engine: Engine, batch: list[Rejection], cap: int) -> store.RejectionsWritten:
+def write(engine: Engine, batch: list[Rejection], cap: int) -> writes.RejectionsWritten:
     with engine.begin() as conn:
-        return store.write_rejections(conn, batch, cap_per_hour=cap)
+        return writes.write_rejections(conn, batch, cap_per_hour=cap)
 
 
 def test_a_flood_is_capped_exactly_across_concurrent_workers(engine: Engine) -> None:
@@ -81,7 +81,7 @@ def test_a_flood_is_capped_exactly_across_concurrent_workers(engine: Engine) -> 
     letters = flood(loud, 230, hour) + flood(quiet, 7, hour) + flood(None, 61, hour)
     random.Random(7).shuffle(letters)
     batches = [letters[i : i + 12] for i in range(0, len(letters), 12)]
-    results: list[store.RejectionsWritten] = []
+    results: list[writes.RejectionsWritten] = []
     lock = threading.Lock()
 
     def writer(mine: list[list[Rejection]]) -> None:
@@ -121,10 +121,10 @@ def test_a_redelivered_batch_is_not_counted_again(engine: Engine) -> None:
     hour = fresh_hour()
     device = unique()
     batch = flood(device, 3, hour)
-    assert write(engine, batch, cap=3) == store.RejectionsWritten(kept=3)
-    assert write(engine, batch, cap=3) == store.RejectionsWritten(kept=0)
+    assert write(engine, batch, cap=3) == writes.RejectionsWritten(kept=3)
+    assert write(engine, batch, cap=3) == writes.RejectionsWritten(kept=0)
     more = flood(device, 2, hour + timedelta(seconds=1), Source.HTTP)
-    assert write(engine, more, cap=3) == store.RejectionsWritten(kept=0, over_cap={"http": 2})
+    assert write(engine, more, cap=3) == writes.RejectionsWritten(kept=0, over_cap={"http": 2})
     assert [d.split(" ")[0] for d in stored(engine, device, hour)["over_cap"]] == ["2"]
     # The next hour has an allowance of its own.
     later = flood(device, 3, hour + timedelta(hours=1))
@@ -134,7 +134,7 @@ def test_a_redelivered_batch_is_not_counted_again(engine: Engine) -> None:
 def test_no_cap_keeps_everything(engine: Engine) -> None:
     hour = fresh_hour()
     device = unique()
-    assert write(engine, flood(device, 40, hour), cap=0) == store.RejectionsWritten(kept=40)
+    assert write(engine, flood(device, 40, hour), cap=0) == writes.RejectionsWritten(kept=40)
     assert list(stored(engine, device, hour)) == ["not_json"]
 
 
@@ -159,7 +159,12 @@ def test_text_postgresql_cannot_hold_is_stored_escaped(engine: Engine) -> None:
 
 
 def over_cap_metric(source: str) -> float:
-    return REGISTRY.get_sample_value("gateway_dead_letters_over_cap_total", {"source": source}) or 0
+    return (
+        REGISTRY.get_sample_value(
+            "gateway_dead_letters_over_cap_messages_total", {"source": source}
+        )
+        or 0
+    )
 
 
 @pytest.mark.e2e

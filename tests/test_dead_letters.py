@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy import Engine, text
 from support import Device, history, mqtt_session, poll, publish_acked
 
-from gateway import store
-from gateway.errors import InputError, Reason
-from gateway.localstack import LocalStack
-from gateway.messages import Rejection, Source
+from gateway.contract.messages import Rejection, Source
+from gateway.contract.reasons import InputError, Reason
+from gateway.devtools.localstack import LocalStack
+from gateway.storage import writes
 
 pytestmark = pytest.mark.e2e
 
@@ -153,7 +153,7 @@ def test_replay_keeps_the_original_receive_time(
         ),
     ]
     with engine.begin() as conn:
-        assert store.write_rejections(conn, letters).kept == 2
+        assert writes.write_rejections(conn, letters).kept == 2
     done = subprocess.run(
         [GATEWAY, "rejected", "replay", "--device", device.device_id],
         env=apps.env("api"),

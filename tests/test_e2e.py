@@ -15,7 +15,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from support import OPERATOR_TOKEN, SEED_SHAPE, Device, history, poll, unavailable, unique
 
-from gateway.localstack import LocalStack
+from gateway.devtools.localstack import LocalStack
 
 pytestmark = [pytest.mark.e2e]
 
@@ -304,7 +304,7 @@ def test_worker_reports_queue_depths(apps) -> None:
         return {
             line.split('"')[1]: float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()
-            if line.startswith("gateway_queue_depth{")
+            if line.startswith("gateway_queue_depth_messages{")
         }
 
     found = poll(lambda: len(d := depths()) == 3 and d, timeout=20, what="three queue depths")

@@ -8,7 +8,7 @@ import copy
 import fault_report
 import pytest
 
-from gateway.localstack import LocalStack
+from gateway.devtools.localstack import LocalStack
 
 
 def committed() -> dict:

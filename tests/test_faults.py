@@ -32,10 +32,11 @@ import redis
 from sqlalchemy import Engine, func, select
 from support import Device, history, mqtt_session, poll, publish_acked, unique
 
-from gateway import registry, state, topology
-from gateway.localstack import LocalStack, config_lines
-from gateway.schema import devices, heartbeats
-from gateway.simulate import Credentials, Simulation
+from gateway.amqp import topology
+from gateway.devtools.localstack import LocalStack, config_lines
+from gateway.devtools.simulate import Credentials, Simulation
+from gateway.storage import mirror, registry
+from gateway.storage.schema import devices, heartbeats
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
@@ -81,7 +82,7 @@ class Counters:
             broker_pid=stack.component("rabbitmq").pid(),
             worker_pid=stack.component("worker").pid(),
             redelivered=broker_redeliveries(stack),
-            absorbed=int(worker.get("gateway_heartbeats_duplicate_total", 0)),
+            absorbed=int(worker.get("gateway_heartbeats_duplicate_messages_total", 0)),
             retried=int(worker.get('gateway_worker_store_errors_total{kind="unavailable"}', 0)),
         )
 
@@ -110,7 +111,8 @@ class Verdict:
     unexpected: int
     #: Messages the broker redelivered to consumers (the MQTT inbox and the work queue).
     redelivered: int
-    #: Heartbeats the worker found stored already (its `gateway_heartbeats_duplicate_total`).
+    #: Heartbeats the worker found stored already
+    #: (its `gateway_heartbeats_duplicate_messages_total`).
     absorbed: int
     #: Writes the worker retried while the database was away.
     retried: int
@@ -595,7 +597,7 @@ def test_redis_down(healthy: LocalStack, engine: Engine, api, redis_client: redi
 
     def mirrored() -> bool:
         for device_id, row in truth.items():
-            cached = state.read(redis_client, device_id)
+            cached = mirror.read(redis_client, device_id)
             if cached is None or cached.version < row["version"]:
                 return False
         return True
@@ -738,4 +740,4 @@ def samples(text: str) -> dict[str, float]:
 
 
 def persisted(stack: LocalStack, name: str) -> float:
-    return worker_metrics(stack, name).get("gateway_heartbeats_persisted_total", 0.0)
+    return worker_metrics(stack, name).get("gateway_heartbeats_persisted_messages_total", 0.0)

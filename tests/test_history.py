@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import Engine
 from support import Device
 
-from gateway import store
-from gateway.messages import Heartbeat, Source
-from gateway.payload import HeartbeatPayload
+from gateway.contract.messages import Heartbeat, Source
+from gateway.contract.payload import HeartbeatPayload
+from gateway.storage import writes
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +29,7 @@ def seed(engine: Engine, device: Device, points: list[tuple[int, dict]]) -> None
         for i, (offset, metrics) in enumerate(points)
     ]
     with engine.begin() as conn:
-        store.write_batch(conn, beats)
+        writes.write_batch(conn, beats)
 
 
 def series(api, device: Device, **params) -> dict:

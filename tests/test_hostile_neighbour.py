@@ -34,12 +34,12 @@ from hostile import ISSUE_BODIES, RawMqtt, corpus, corpus_bytes, hostile_stream
 from sqlalchemy import Engine, text
 from support import Device, poll
 
-from gateway.convert import Forward, Reject, convert
-from gateway.errors import storable_text
-from gateway.localstack import LocalStack
-from gateway.messages import MAX_REJECTED_BYTES
-from gateway.payload import MAX_PAYLOAD_BYTES
-from gateway.topics import claimed_device, mqtt_topic
+from gateway.contract.conversion import Forward, Reject, convert
+from gateway.contract.messages import MAX_REJECTED_BYTES
+from gateway.contract.payload import MAX_PAYLOAD_BYTES
+from gateway.contract.reasons import storable_text
+from gateway.contract.topics import claimed_device, mqtt_topic
+from gateway.devtools.localstack import LocalStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

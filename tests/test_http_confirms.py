@@ -17,8 +17,8 @@ from proxy import TcpProxy
 from sqlalchemy import Engine, select
 from support import Device, poll
 
-from gateway.localstack import LocalStack
-from gateway.schema import heartbeats
+from gateway.devtools.localstack import LocalStack
+from gateway.storage.schema import heartbeats
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -19,7 +19,7 @@ from test_bad_input import PAYLOADS
 
 from api.app import create_app, layered
 from api.context import Context, context
-from gateway.localstack import LocalStack
+from gateway.devtools.localstack import LocalStack
 
 pytestmark = pytest.mark.e2e
 

@@ -23,8 +23,8 @@ from sqlalchemy import Engine, make_url, text
 from support import Device, mqtt_session, poll, publish_acked
 
 from api.stream import CLIENT_QUEUE, OVERFLOW, StatusStream
-from gateway import state
-from gateway.localstack import LocalStack
+from gateway.devtools.localstack import LocalStack
+from gateway.storage import mirror
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -349,13 +349,13 @@ def test_link_quality_from_a_scripted_sequence(apps, api, device: Device) -> Non
 def test_redis_is_rebuilt_from_postgres_when_empty(apps, api, device: Device) -> None:
     beat(apps, device)
     client = redis.Redis.from_url(apps.redis_url)
-    poll(lambda: state.read(client, device.device_id), what="mirrored")
+    poll(lambda: mirror.read(client, device.device_id), what="mirrored")
     client.flushall()  # what a restarted Redis (nothing on disk) looks like
     apps.stop_app("worker")
     apps.start_app("worker")
     apps.wait_apps(("worker",))
-    poll(lambda: client.exists(state.REBUILT_KEY), what="rebuilt at start")
-    cached = state.read(client, device.device_id)
+    poll(lambda: client.exists(mirror.REBUILT_KEY), what="rebuilt at start")
+    cached = mirror.read(client, device.device_id)
     assert cached is not None and cached.last_seen is not None
     client.close()
 

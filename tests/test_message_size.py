@@ -14,10 +14,10 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from gateway import topology
-from gateway.broker import MAX_WORK_MESSAGE_BYTES, Forwarder, Publisher
-from gateway.messages import Heartbeat, Source, decode_work, encode_work
-from gateway.payload import MAX_METRIC_STRING, MAX_METRICS, HeartbeatPayload
+from gateway.amqp import topology
+from gateway.amqp.publisher import MAX_WORK_MESSAGE_BYTES, Forwarder, Publisher
+from gateway.contract.messages import Heartbeat, Source, decode_work, encode_work
+from gateway.contract.payload import MAX_METRIC_STRING, MAX_METRICS, HeartbeatPayload
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,11 +13,11 @@ import redis
 from sqlalchemy import Engine, select
 from support import poll, unique
 
-from gateway import state, store
-from gateway.localstack import LocalStack
-from gateway.messages import Heartbeat, Source, utcnow
-from gateway.payload import HeartbeatPayload
-from gateway.schema import devices
+from gateway.contract.messages import Heartbeat, Source, utcnow
+from gateway.contract.payload import HeartbeatPayload
+from gateway.devtools.localstack import LocalStack
+from gateway.storage import mirror, writes
+from gateway.storage.schema import devices
 
 
 def beat(device: str, msg_id: str, cpu: float) -> Heartbeat:
@@ -25,9 +25,9 @@ def beat(device: str, msg_id: str, cpu: float) -> Heartbeat:
     return Heartbeat.from_payload(device, payload, Source.MQTT)
 
 
-def write(engine: Engine, hb: Heartbeat) -> state.DeviceState:
+def write(engine: Engine, hb: Heartbeat) -> mirror.DeviceState:
     with engine.begin() as conn:
-        (written,) = store.write_batch(conn, [hb]).states
+        (written,) = writes.write_batch(conn, [hb]).states
     return written
 
 
@@ -48,17 +48,17 @@ def test_a_late_writer_never_overwrites_newer_state(
     older = write(engine, beat(device, "m-1", 1.0))
     newer = write(engine, beat(device, "m-2", 2.0))
     assert newer.version > older.version  # versions come from PostgreSQL, one per write
-    assert state.mirror(mirror_client, [newer]) == 1
-    state.mirror(mirror_client, [older])
-    assert state.read(mirror_client, device) == newer
-    state.mirror(mirror_client, [newer.model_copy(update={"last_metrics": {"cpu": 9.0}})])
-    assert state.read(mirror_client, device) == newer  # the same version: the first one stands
+    assert mirror.mirror(mirror_client, [newer]) == 1
+    mirror.mirror(mirror_client, [older])
+    assert mirror.read(mirror_client, device) == newer
+    mirror.mirror(mirror_client, [newer.model_copy(update={"last_metrics": {"cpu": 9.0}})])
+    assert mirror.read(mirror_client, device) == newer  # the same version: the first one stands
     mirror_client.script_flush()
-    state.mirror(mirror_client, [older])
-    assert state.read(mirror_client, device) == newer
+    mirror.mirror(mirror_client, [older])
+    assert mirror.read(mirror_client, device) == newer
     newest = write(engine, beat(device, "m-3", 3.0))
-    state.mirror(mirror_client, [newest])
-    assert state.read(mirror_client, device) == newest
+    mirror.mirror(mirror_client, [newest])
+    assert mirror.read(mirror_client, device) == newest
 
 
 @pytest.mark.integration
@@ -68,22 +68,22 @@ def test_a_rebuild_never_undoes_a_live_write(engine: Engine, mirror_client: redi
     device, other = unique(), unique()
     read_early = [write(engine, beat(device, "m-1", 1.0)), write(engine, beat(other, "m-1", 1.0))]
     live = write(engine, beat(device, "m-2", 2.0))
-    state.mirror(mirror_client, [live])
-    assert state.rebuild(mirror_client, [read_early]) == 2
-    assert state.read(mirror_client, device) == live
-    assert state.read(mirror_client, other) == read_early[1]
-    assert state.is_rebuilt(mirror_client)
+    mirror.mirror(mirror_client, [live])
+    assert mirror.rebuild(mirror_client, [read_early]) == 2
+    assert mirror.read(mirror_client, device) == live
+    assert mirror.read(mirror_client, other) == read_early[1]
+    assert mirror.is_rebuilt(mirror_client)
 
 
-def truth(engine: Engine, device_ids: list[str]) -> dict[str, state.DeviceState]:
+def truth(engine: Engine, device_ids: list[str]) -> dict[str, mirror.DeviceState]:
     with engine.connect() as conn:
         rows = conn.execute(select(devices).where(devices.c.device_id.in_(device_ids))).mappings()
-        return {row["device_id"]: state.DeviceState.from_row(row) for row in rows}
+        return {row["device_id"]: mirror.DeviceState.from_row(row) for row in rows}
 
 
-def mirrored_as(client: redis.Redis, expected: dict[str, state.DeviceState]) -> bool:
+def mirrored_as(client: redis.Redis, expected: dict[str, mirror.DeviceState]) -> bool:
     try:
-        return all(state.read(client, d) == s for d, s in expected.items())
+        return all(mirror.read(client, d) == s for d, s in expected.items())
     except redis.RedisError:
         return False
 
@@ -100,7 +100,7 @@ def test_the_mirror_is_rebuilt_when_redis_comes_back_empty(
     quiet = [unique("quiet") for _ in range(5)]
     recent = utcnow() - timedelta(seconds=1)
     with engine.begin() as conn:
-        store.write_batch(
+        writes.write_batch(
             conn,
             [
                 Heartbeat.from_payload(
@@ -111,7 +111,7 @@ def test_the_mirror_is_rebuilt_when_redis_comes_back_empty(
             default_interval_s=3600,
         )
     expected = truth(engine, quiet)
-    state.mirror(mirror_client, expected.values())  # as the worker would have after its commit
+    mirror.mirror(mirror_client, expected.values())  # as the worker would have after its commit
     assert mirrored_as(mirror_client, expected)
     if how == "restart":
         apps.stop_redis()
@@ -119,7 +119,7 @@ def test_the_mirror_is_rebuilt_when_redis_comes_back_empty(
         poll(apps.redis_ready, what="Redis back")
     else:
         mirror_client.flushall()
-    assert not any(state.read(mirror_client, d) for d in quiet), "Redis kept the mirror"
+    assert not any(mirror.read(mirror_client, d) for d in quiet), "Redis kept the mirror"
     poll(
         lambda: mirrored_as(mirror_client, expected),
         timeout=30,
@@ -133,8 +133,8 @@ def test_a_redis_that_failed_is_not_asked_again_for_a_while(monkeypatch) -> None
     down) until a cooldown passes, doubling while Redis stays down, up to a cap; a success
     closes it."""
     now = [100.0]
-    monkeypatch.setattr("gateway.state.time.monotonic", lambda: now[0])
-    breaker = state.Breaker(cooldown_s=0.5, max_cooldown_s=2.0)
+    monkeypatch.setattr("gateway.storage.mirror.time.monotonic", lambda: now[0])
+    breaker = mirror.Breaker(cooldown_s=0.5, max_cooldown_s=2.0)
     calls = []
 
     def down() -> None:

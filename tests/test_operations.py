@@ -19,10 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, func, select
 from support import poll, unique
 
-from gateway import cli, logs, metrics, sessions
-from gateway.localstack import DEV_PORTS, LocalStack, StackError, config_lines
-from gateway.localstack import require_system_packages as require
-from gateway.schema import heartbeats
+from gateway.amqp import sessions
+from gateway.cli.main import main as cli
+from gateway.devtools.localstack import DEV_PORTS, LocalStack, StackError, config_lines
+from gateway.devtools.localstack import require_system_packages as require
+from gateway.runtime import logs, metrics
+from gateway.storage.schema import heartbeats
 
 ROOT = Path(__file__).resolve().parent.parent
 OPERATIONS = (ROOT / "docs" / "operations.md").read_text()
@@ -127,7 +129,9 @@ def test_gateway_commands_default_to_the_local_stack(tmp_path: Path, monkeypatch
 
 def test_missing_packages_are_named_with_the_command_that_installs_them(monkeypatch) -> None:
     """Not root: nothing is installed, the message says what to install and how."""
-    monkeypatch.setattr("gateway.localstack._have", lambda command: command != "redis-server")
+    monkeypatch.setattr(
+        "gateway.devtools.localstack._have", lambda command: command != "redis-server"
+    )
     monkeypatch.setattr("os.geteuid", lambda: 1000)
     packages = {"rabbitmq-server": "rabbitmq-server", "redis-server": "redis-server"}
     with pytest.raises(StackError) as refused:
@@ -161,7 +165,7 @@ def test_every_metric_the_docs_name_is_exposed(apps: LocalStack) -> None:
     by_service = {name: exposed(apps.health_port(name)) for name in ("api", "bridge", "worker")}
     missing = named - set().union(*by_service.values())
     assert not missing, missing
-    assert {"gateway_queue_depth", "gateway_sweeper_leader"} <= by_service["worker"]
+    assert {"gateway_queue_depth_messages", "gateway_sweeper_leader"} <= by_service["worker"]
     assert "gateway_receive_to_commit_seconds" in by_service["worker"]
 
 
@@ -205,7 +209,7 @@ def test_logs_are_one_json_object_per_line_with_the_request_id() -> None:
 
 def test_a_connection_that_cannot_be_closed_is_logged_and_counted(caplog) -> None:
     before = metrics.SESSION_CLOSE_FAILURES._value.get()
-    with caplog.at_level(logging.WARNING, logger="gateway.sessions"):
+    with caplog.at_level(logging.WARNING, logger="gateway.amqp.sessions"):
         assert not sessions.close_sessions("http://gateway:secret@127.0.0.1:9/", "pump-7")
         assert not sessions.close_sessions(None, "pump-8")
     assert metrics.SESSION_CLOSE_FAILURES._value.get() == before + 2
@@ -275,7 +279,7 @@ def test_a_counter_that_goes_back_starts_a_new_run() -> None:
     apart, so the restart is not taken for losses."""
     from datetime import UTC, datetime, timedelta
 
-    from gateway.quality import WINDOW, compute
+    from gateway.storage.quality import WINDOW, compute
 
     t0 = datetime(2026, 11, 29, 10, 0, tzinfo=UTC)
     seqs = [7, 8, 9, 11, 0, 1, 2, 4]  # 10 lost, a restart, 3 lost

@@ -20,10 +20,10 @@ from support import OPERATOR_TOKEN, Device, poll
 
 from api.app import create_app, layered
 from api.context import Context
-from gateway import store
-from gateway.localstack import LocalStack
-from gateway.messages import Heartbeat, Source
-from gateway.payload import MAX_INT, HeartbeatPayload
+from gateway.contract.messages import Heartbeat, Source
+from gateway.contract.payload import MAX_INT, HeartbeatPayload
+from gateway.devtools.localstack import LocalStack
+from gateway.storage import writes
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
@@ -60,7 +60,7 @@ def seed(engine: Engine, device: Device, metrics: list[dict], at: datetime = NOW
         for i, m in enumerate(metrics)
     ]
     with engine.begin() as conn:
-        store.write_batch(conn, beats)
+        writes.write_batch(conn, beats)
 
 
 def aggregate(api: httpx.Client, device: Device, name: str, agg: str) -> list:

@@ -15,11 +15,12 @@ from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.exc import OperationalError
 from support import plan_of, poll, statements_run_by, unique
 
-from gateway import partitions, queries, store
-from gateway.db import alembic_config, migrate
-from gateway.messages import Heartbeat, Source
-from gateway.payload import HeartbeatPayload
-from gateway.schema import heartbeats
+from gateway.contract.messages import Heartbeat, Source
+from gateway.contract.payload import HeartbeatPayload
+from gateway.storage import partitions, writes
+from gateway.storage import reads as queries
+from gateway.storage.engine import alembic_config, migrate
+from gateway.storage.schema import heartbeats
 
 pytestmark = pytest.mark.integration
 
@@ -43,9 +44,9 @@ def stored_days(engine: Engine, device: str) -> list[date]:
         ).all()
 
 
-def write(engine: Engine, beats: list[Heartbeat]) -> store.BatchResult:
+def write(engine: Engine, beats: list[Heartbeat]) -> writes.BatchResult:
     with engine.begin() as conn:
-        return store.write_batch(conn, beats)
+        return writes.write_batch(conn, beats)
 
 
 def test_a_retry_is_stored_once_across_partitions(engine: Engine) -> None:
@@ -78,9 +79,9 @@ def test_the_lookup_reaches_back_as_far_as_the_window(engine: Engine) -> None:
             heartbeats.update().where(heartbeats.c.device_id == device).values(stored_on=old)
         )
     with engine.begin() as conn:  # window 0: every day kept
-        assert store.write_batch(conn, [beat(device, "old")], dedup_window_days=0).inserted == 0
+        assert writes.write_batch(conn, [beat(device, "old")], dedup_window_days=0).inserted == 0
     with engine.begin() as conn:  # beyond the window: stored again, as documented
-        assert store.write_batch(conn, [beat(device, "old")]).inserted == 1
+        assert writes.write_batch(conn, [beat(device, "old")]).inserted == 1
     assert stored_days(engine, device) == [old, today]
 
 
@@ -97,7 +98,7 @@ def test_a_writer_of_the_new_day_waits_for_the_old_days_writers(engine: Engine) 
     def todays_writer() -> None:
         with engine.begin() as conn:
             writer_pid.append(conn.scalar(text("SELECT pg_backend_pid()")))
-            inserted = store.write_batch(conn, [copy]).inserted
+            inserted = writes.write_batch(conn, [copy]).inserted
         order.append(f"today's writer done, {inserted} inserted")
 
     with engine.connect() as old:
@@ -141,7 +142,7 @@ def test_a_writer_of_the_new_day_waits_for_the_old_days_writers(engine: Engine) 
 def test_writers_of_the_same_day_do_not_wait_for_each_other(engine: Engine) -> None:
     results: list[int] = []
     with engine.connect() as open_writer, open_writer.begin():
-        store.write_batch(open_writer, [beat(unique(), "a")])  # holds today's shared lock
+        writes.write_batch(open_writer, [beat(unique(), "a")])  # holds today's shared lock
         other = threading.Thread(
             target=lambda: results.append(write(engine, [beat(unique(), "b")]).inserted)
         )
@@ -186,7 +187,7 @@ def run_maintain(stack, **settings: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "GATEWAY_DATABASE_URL": stack.database_url}
     env.update({f"GATEWAY_{name.upper()}": value for name, value in settings.items()})
     done = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "maintain"],
+        [sys.executable, "-m", "gateway.cli.main", "maintain"],
         env=env,
         capture_output=True,
         text=True,

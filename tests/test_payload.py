@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 import pytest
 from support import SEED_SHAPE
 
-from gateway.errors import InputError, Reason
-from gateway.messages import Heartbeat, Source, idempotency_key
-from gateway.payload import MAX_PAYLOAD_BYTES, HeartbeatPayload, parse_payload
+from gateway.contract.messages import Heartbeat, Source, idempotency_key
+from gateway.contract.payload import MAX_PAYLOAD_BYTES, HeartbeatPayload, parse_payload
+from gateway.contract.reasons import InputError, Reason
 
 
 def parse(obj: object) -> HeartbeatPayload:

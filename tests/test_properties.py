@@ -14,10 +14,9 @@ from hostile import in_range_ts, payloads, routing_keys, utc_instant, valid_payl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.convert import Forward, Ignore, Reject, convert
-from gateway.errors import InputError, Reason
-from gateway.messages import Heartbeat, Source, WorkBatch, decode_work, encode_work
-from gateway.payload import (
+from gateway.contract.conversion import Forward, Ignore, Reject, convert
+from gateway.contract.messages import Heartbeat, Source, WorkBatch, decode_work, encode_work
+from gateway.contract.payload import (
     EPOCH,
     EPOCH_MS_THRESHOLD,
     MAX_PAYLOAD_BYTES,
@@ -26,7 +25,8 @@ from gateway.payload import (
     HeartbeatPayload,
     parse_payload,
 )
-from gateway.topics import DEVICE_ID_RE, Topic, TopicKind, parse_routing_key
+from gateway.contract.reasons import InputError, Reason
+from gateway.contract.topics import DEVICE_ID_RE, Topic, TopicKind, parse_routing_key
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

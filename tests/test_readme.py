@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from gateway.settings import ApiSettings, BridgeSettings, CommonSettings, WorkerSettings
+from gateway.runtime.settings import ApiSettings, BridgeSettings, CommonSettings, WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

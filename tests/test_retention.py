@@ -15,9 +15,9 @@ from support import apoll, serving, unique
 from test_partitions import run_maintain
 from test_worker_integration import worker_for
 
-from gateway import retention
-from gateway.db import alembic_config, migrate
-from gateway.schema import device_events, rejected, rejected_counts
+from gateway.storage import retention
+from gateway.storage.engine import alembic_config, migrate
+from gateway.storage.schema import device_events, rejected, rejected_counts
 
 pytestmark = pytest.mark.integration
 

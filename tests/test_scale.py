@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import Engine, text
 from support import plan_of, statements_run_by
 
-from gateway import liveness, queries
-from gateway.db import make_engine, migrate
-from gateway.localstack import LocalStack
+from gateway.devtools.localstack import LocalStack
+from gateway.storage import liveness, reads
+from gateway.storage.engine import make_engine, migrate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -108,9 +108,9 @@ def test_the_sweep_reads_only_expired_devices(big_fleet: Engine) -> None:
 
 
 def test_the_fleet_view_at_100k(big_fleet: Engine) -> None:
-    def fleet() -> queries.Fleet:
+    def fleet() -> reads.Fleet:
         with big_fleet.connect() as conn:
-            return queries.fleet_counts(conn)
+            return reads.fleet_counts(conn)
 
     result = fleet()
     assert result.total >= FLEET

@@ -23,10 +23,11 @@ from sqlalchemy import text
 from support import Device, history, poll, unique
 from test_access import Session, beat_and_wait, connect
 
-from gateway import accounts, registry
-from gateway.credentials import token_hash
-from gateway.localstack import LocalStack
-from gateway.settings import ApiSettings, BridgeSettings, weak_secret
+from gateway.amqp import accounts
+from gateway.contract.credentials import token_hash
+from gateway.devtools.localstack import LocalStack
+from gateway.runtime.settings import ApiSettings, BridgeSettings, weak_secret
+from gateway.storage import registry
 
 pytestmark = pytest.mark.e2e
 
@@ -390,7 +391,7 @@ def test_a_login_compares_keyed_hashes_in_constant_time(engine, register, monkey
     compared: list[tuple] = []
     real = hmac.compare_digest
     monkeypatch.setattr(
-        "gateway.credentials.hmac.compare_digest",
+        "gateway.contract.credentials.hmac.compare_digest",
         lambda a, b: compared.append((a, b)) or real(a, b),
     )
     with engine.connect() as conn:

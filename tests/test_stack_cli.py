@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.localstack import PROJECT_ROOT, TEST_PORTS, LocalStack, Ports
+from gateway.devtools.localstack import PROJECT_ROOT, TEST_PORTS, LocalStack, Ports
 
 pytestmark = pytest.mark.e2e
 
@@ -73,7 +73,7 @@ def free_ports(count: int) -> list[int]:
 RUN = """
 import sys
 from pathlib import Path
-from gateway.localstack import LocalStack, Ports
+from gateway.devtools.localstack import LocalStack, Ports
 LocalStack("run", Ports(*map(int, sys.argv[2:])), root=Path(sys.argv[1])).run()
 """
 
@@ -124,7 +124,7 @@ def test_the_stack_empties_its_queues(stack) -> None:
 
     import aio_pika
 
-    from gateway import accounts
+    from gateway.amqp import accounts
 
     name = f"gateway.purge-{uuid.uuid4().hex[:8]}"
 
@@ -158,7 +158,7 @@ def test_a_deleted_secret_is_replaced_at_the_next_start(apps: LocalStack) -> Non
     import psycopg2
     import redis
 
-    from gateway import accounts
+    from gateway.amqp import accounts
 
     root = PROJECT_ROOT / ".run" / f"rotate-{uuid.uuid4().hex[:8]}"
     stack = LocalStack("rotate", Ports(*free_ports(len(dataclasses.fields(TEST_PORTS)))), root=root)

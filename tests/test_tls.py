@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from support import Device, history, poll, unavailable
 
-from gateway.localstack import WEB_MQTT_PATH, LocalStack, port_open
+from gateway.devtools.localstack import WEB_MQTT_PATH, LocalStack, port_open
 
 pytestmark = pytest.mark.e2e
 

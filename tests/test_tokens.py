@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from api.tokens import TokenCache
-from gateway.registry import Identity
+from gateway.storage.registry import Identity
 
 PUMP = Identity("pump-7", True)
 

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.convert import Forward, Ignore, Reject, convert
-from gateway.errors import InputError, Reason
-from gateway.messages import Heartbeat, StatusReport
-from gateway.topics import Topic, TopicKind, mqtt_topic, parse_mqtt_topic, parse_routing_key
+from gateway.contract.conversion import Forward, Ignore, Reject, convert
+from gateway.contract.messages import Heartbeat, StatusReport
+from gateway.contract.reasons import InputError, Reason
+from gateway.contract.topics import (
+    Topic,
+    TopicKind,
+    mqtt_topic,
+    parse_mqtt_topic,
+    parse_routing_key,
+)
 
 
 @pytest.mark.parametrize(

@@ -20,12 +20,13 @@ from test_bridge_integration import bridge_for, declared, depth, publish_as_mqtt
 from test_ingest_paths import Api, inproc  # noqa: F401 (a fixture)
 from test_worker_integration import beat, count_rows, open_publisher, worker_for
 
-from gateway import convert as conversion
-from gateway import messages, topology
-from gateway.broker import Forwarder
-from gateway.messages import Heartbeat, Rejection, decode_work
-from gateway.payload import HeartbeatPayload
-from gateway.schema import rejected
+from gateway.amqp import topology
+from gateway.amqp.publisher import Forwarder
+from gateway.contract import conversion as conversion
+from gateway.contract import messages
+from gateway.contract.messages import Heartbeat, Rejection, decode_work
+from gateway.contract.payload import HeartbeatPayload
+from gateway.storage.schema import rejected
 
 BOOM = OverflowError("date value out of range")
 

@@ -21,12 +21,20 @@ from sqlalchemy import Engine, func, select, text
 from support import apoll, assert_stored_as_sent, serving, unique
 from test_properties import metric_names, metric_values
 
-from gateway import state, store, topology
-from gateway.broker import ITEMS_HEADER, Publisher
-from gateway.messages import Heartbeat, Source, StatusReport, WorkBatch, encode_work, utcnow
-from gateway.payload import TS_MAX, TS_MIN, HeartbeatPayload
-from gateway.schema import devices, heartbeats, rejected
-from gateway.settings import WorkerSettings
+from gateway.amqp import topology
+from gateway.amqp.publisher import ITEMS_HEADER, Publisher
+from gateway.contract.messages import (
+    Heartbeat,
+    Source,
+    StatusReport,
+    WorkBatch,
+    encode_work,
+    utcnow,
+)
+from gateway.contract.payload import TS_MAX, TS_MIN, HeartbeatPayload
+from gateway.runtime.settings import WorkerSettings
+from gateway.storage import mirror, writes
+from gateway.storage.schema import devices, heartbeats, rejected
 from worker.service import MAX_ATTEMPTS, Worker
 
 pytestmark = pytest.mark.integration
@@ -147,7 +155,7 @@ def test_device_state_moves_forward_and_is_mirrored(
                     StatusReport(device_id=device, status="offline", source=Source.MQTT)
                 )
                 await apoll(
-                    lambda: (state.read(redis_client, device) or _none()).status == "offline",
+                    lambda: (mirror.read(redis_client, device) or _none()).status == "offline",
                     what="status report mirrored",
                 )
 
@@ -159,7 +167,7 @@ def test_device_state_moves_forward_and_is_mirrored(
     assert row["last_metrics"] == {"cpu": 3.0}
     assert row["last_seq"] == 3
     assert (row["status"], row["status_reason"]) == ("offline", "last_will")
-    cached = state.read(redis_client, device)
+    cached = mirror.read(redis_client, device)
     assert cached is not None
     assert cached.version == row["version"]
     assert cached.last_seen == row["last_seen"]
@@ -228,14 +236,14 @@ def test_a_heartbeat_and_a_last_will_in_one_batch_are_two_events(engine: Engine)
         received_at=T0 + timedelta(seconds=1),
     )
     with engine.begin() as conn:
-        result = store.write_batch(conn, [hb], [will])
+        result = writes.write_batch(conn, [hb], [will])
     assert [(e.from_status, e.to_status, e.reason) for e in result.events] == [
         ("never_seen", "online", "heartbeat"),
         ("online", "offline", "last_will"),
     ]
     # Replaying the batch (a redelivery) changes nothing and records nothing.
     with engine.begin() as conn:
-        assert store.write_batch(conn, [hb], [will]).events == []
+        assert writes.write_batch(conn, [hb], [will]).events == []
 
 
 def test_a_batch_message_is_stored_item_by_item(vhost: str, stack, engine: Engine) -> None:

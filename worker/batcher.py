@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable
 
 import aio_pika.abc
 
-from gateway.broker import ITEMS_HEADER
-from gateway.messages import MAX_BATCH_ITEMS
+from gateway.amqp.publisher import ITEMS_HEADER
+from gateway.contract.messages import MAX_BATCH_ITEMS
 
 Message = aio_pika.abc.AbstractIncomingMessage
 Flush = Callable[[list[Message]], Awaitable[None]]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from gateway import service
-from gateway.settings import WorkerSettings, load
+from gateway.runtime import lifecycle
+from gateway.runtime.settings import WorkerSettings, load
 from worker.service import Worker
 
 
 def main() -> int:
     settings = load(WorkerSettings)
-    return service.run("worker", settings, Worker(settings).serve)
+    return lifecycle.run("worker", settings, Worker(settings).serve)
 
 
 if __name__ == "__main__":

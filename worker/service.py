@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import random
 import time
 import uuid
 from collections.abc import Sequence
@@ -17,12 +16,11 @@ import redis
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway import metrics, partitions, retention, state, store, topology
-from gateway.broker import Acks, Publisher, PublishFailed, connect
-from gateway.db import is_transient, make_engine, short_error
-from gateway.errors import InputError, Reason
-from gateway.health import HealthServer, broker_ready, check_storage
-from gateway.messages import (
+from gateway.amqp import topology
+from gateway.amqp.acks import Acks
+from gateway.amqp.connection import broker_ready, connect
+from gateway.amqp.publisher import Publisher, PublishFailed
+from gateway.contract.messages import (
     Heartbeat,
     Rejection,
     Source,
@@ -32,8 +30,14 @@ from gateway.messages import (
     read_work,
     utcnow,
 )
-from gateway.service import sleep_or_stop
-from gateway.settings import WorkerSettings
+from gateway.contract.reasons import InputError, Reason
+from gateway.runtime import metrics
+from gateway.runtime.health import HealthServer
+from gateway.runtime.lifecycle import sleep_or_stop
+from gateway.runtime.retry import Backoff
+from gateway.runtime.settings import WorkerSettings
+from gateway.storage import mirror, partitions, retention, writes
+from gateway.storage.engine import check_storage, is_transient, make_engine, short_error
 from worker.batcher import Batcher, Message
 from worker.sweeper import Sweeper
 
@@ -77,7 +81,7 @@ class Worker:
         )
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._publisher: Publisher | None = None
-        self.breaker = state.Breaker()
+        self.breaker = mirror.Breaker()
         #: Rebuild the mirror before the next write: at start when Redis lacks it, and after
         #: Redis was unreachable (writes were skipped meanwhile).
         self._needs_rebuild = True
@@ -125,7 +129,7 @@ class Worker:
         self,
         items: Sequence[Heartbeat | StatusReport],
         invalid: list[Rejection],
-    ) -> store.BatchResult | None:
+    ) -> writes.BatchResult | None:
         """Write the batch. When the database refuses it, write the messages one by one, each
         at most `MAX_ATTEMPTS` times, and dead-letter the ones it keeps refusing: a bad message
         costs one dead letter, never a loop or a blocked queue."""
@@ -134,7 +138,7 @@ class Worker:
         except SQLAlchemyError as exc:
             metrics.STORE_ERRORS.labels("batch").inc()
             log.warning("batch of %d refused (%s); isolating the bad", len(items), short_error(exc))
-            result = store.BatchResult()
+            result = writes.BatchResult()
             for item in items:
                 one = await self._write_one(item, invalid)
                 if one is None:
@@ -150,7 +154,7 @@ class Worker:
 
     async def _write_one(
         self, item: Heartbeat | StatusReport, invalid: list[Rejection]
-    ) -> store.BatchResult | None:
+    ) -> writes.BatchResult | None:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 return await self._retry_transient(lambda: self._write([item]))
@@ -172,13 +176,13 @@ class Worker:
                         received_at=item.received_at,  # when its device sent it: replay keeps it
                     )
                 )
-        return store.BatchResult()
+        return writes.BatchResult()
 
-    def _write(self, items: Sequence[Heartbeat | StatusReport]) -> store.BatchResult:
+    def _write(self, items: Sequence[Heartbeat | StatusReport]) -> writes.BatchResult:
         beats = [i for i in items if isinstance(i, Heartbeat)]
         statuses = [i for i in items if isinstance(i, StatusReport)]
         with self.engine.begin() as conn:
-            result = store.write_batch(
+            result = writes.write_batch(
                 conn,
                 beats,
                 statuses,
@@ -196,11 +200,11 @@ class Worker:
         self._mirror(result.states)
         return result
 
-    def _mirror(self, states: list[state.DeviceState]) -> None:
+    def _mirror(self, states: list[mirror.DeviceState]) -> None:
         """Copy committed state to Redis. While Redis is down it is skipped (PostgreSQL holds
         the truth), and `_keep_mirror` rebuilds the whole mirror once Redis is back."""
         if states and not self.breaker.call(
-            lambda: state.mirror(self.redis, states),
+            lambda: mirror.mirror(self.redis, states),
             service="worker",
             skipped="mirror skipped; rebuilt once Redis is back",
         ):
@@ -223,7 +227,7 @@ class Worker:
     def _mirror_lost(self) -> bool:
         """Redis answers, without the mark of a rebuilt mirror (one EXISTS)."""
         marked = self.breaker.call(
-            lambda: state.is_rebuilt(self.redis), service="worker", skipped="mirror not checked"
+            lambda: mirror.is_rebuilt(self.redis), service="worker", skipped="mirror not checked"
         )
         return marked is False
 
@@ -288,7 +292,7 @@ class Worker:
         try:
             with self.engine.connect() as conn:
                 count = self.breaker.call(
-                    lambda: state.rebuild(self.redis, store.iter_states(conn)),
+                    lambda: mirror.rebuild(self.redis, writes.iter_states(conn)),
                     service="worker",
                     skipped="mirror not rebuilt yet",
                 )
@@ -306,7 +310,7 @@ class Worker:
 
     async def _retry_transient(self, write):
         """Run `write` in a thread; retry while the database is unreachable, until stopping."""
-        delay = 0.2
+        backoff = Backoff(0.2, 5.0)
         while True:
             try:
                 return await asyncio.to_thread(write)
@@ -317,11 +321,11 @@ class Worker:
                 if self._stopping.is_set():
                     log.warning("database unavailable while stopping; leaving batch unacked")
                     return None
+                delay = backoff.next()
                 log.warning(
                     "database unavailable (%s); retrying in %.1f s", short_error(exc), delay
                 )
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(delay)
 
     async def _dead_letter(self, rejection: Rejection) -> bool:
         assert self._publisher is not None
@@ -339,9 +343,9 @@ class Worker:
     async def flush_rejected(self, messages: list[Message]) -> None:
         rejections = [read_dead_letter(message.headers, message.body) for message in messages]
 
-        def write() -> store.RejectionsWritten:
+        def write() -> writes.RejectionsWritten:
             with self.engine.begin() as conn:
-                return store.write_rejections(
+                return writes.write_rejections(
                     conn, rejections, cap_per_hour=self.settings.dead_letter_cap_per_hour
                 )
 
@@ -377,7 +381,7 @@ class Worker:
         await health.start()
         self._connection = await connect(str(s.amqp_url), name="gateway-worker")
         with contextlib.suppress(redis.RedisError):
-            self._needs_rebuild = not await asyncio.to_thread(state.is_rebuilt, self.redis)
+            self._needs_rebuild = not await asyncio.to_thread(mirror.is_rebuilt, self.redis)
         try:
             self._publisher = await Publisher.open(self._connection, timeout=10)
             work = Batcher(

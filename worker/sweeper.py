@@ -15,10 +15,11 @@ from collections.abc import Callable
 from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway import liveness, metrics
-from gateway.db import short_error
-from gateway.service import sleep_or_stop
-from gateway.state import DeviceState
+from gateway.runtime import metrics
+from gateway.runtime.lifecycle import sleep_or_stop
+from gateway.storage import liveness
+from gateway.storage.engine import short_error
+from gateway.storage.mirror import DeviceState
 
 log = logging.getLogger(__name__)
 

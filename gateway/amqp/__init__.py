@@ -1,0 +1,3 @@
+"""RabbitMQ: the topology, connections, publishing with confirms, acknowledgements, broker accounts
+and the devices' access rules.
+"""

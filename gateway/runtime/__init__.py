@@ -1,0 +1,1 @@
+"""What every process shares: settings, lifecycle, health server, logs and metrics."""
