@@ -1,6 +1,6 @@
 """The fault report: the table of docs/guarantees.md, generated from a committed run.
 
-The fault suite (tests/test_faults.py) writes `.run/test/fault-report.json` as it runs and
+The fault suite (tests/fault/test_faults.py) writes `.run/test/fault-report.json` as it runs and
 prints the table at the end. `make fault-report` runs this file: it copies that report to
 docs/results/faults.json (committed) and rewrites the table between the markers of
 docs/guarantees.md from it. `python tests/fault_report.py --check` (and a test) fails when
@@ -82,7 +82,7 @@ def problems(report: dict, committed: dict | None) -> list[str]:
         ran = {r["fault"] for r in report["faults"]}
         found += [
             f"{r['fault']}: not in the last run (run the whole fault suite: "
-            "pytest tests/test_faults.py)"
+            "pytest tests/fault/test_faults.py)"
             for r in committed["faults"]
             if r["fault"] not in ran
         ]
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if not LAST_RUN.exists():
-        print(f"no report at {LAST_RUN}: run the fault suite first (pytest tests/test_faults.py)")
+        print(f"no report at {LAST_RUN}: run the fault suite first (pytest tests/fault)")
         return 1
     report = load(LAST_RUN)
     committed = load(COMMITTED) if COMMITTED.exists() and not args.partial else None

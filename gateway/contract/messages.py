@@ -29,6 +29,10 @@ from gateway.contract.payload import (
 from gateway.contract.reasons import InputError, Reason, storable_text, unforeseen
 from gateway.contract.topics import DeviceId
 
+#: A heartbeat repeated within this many days before the day it is stored (the same device and
+#: `msg_id`) is stored once; 0: whatever its age. The worker looks its ids up in these days'
+#: partitions (`gateway.storage.partitions`).
+DEDUP_WINDOW_DAYS = 2
 #: Namespace of message ids derived from (device_id, msg_id).
 MESSAGE_NAMESPACE = uuid.UUID("6f1d3c1e-3a5b-4d0e-9c1e-2b7a9e5d4c10")
 CONTENT_TYPE = "application/json"

@@ -22,8 +22,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gateway.contract.messages import MAX_BATCH_ITEMS
-from gateway.storage.partitions import DEDUP_WINDOW_DAYS
+from gateway.contract.messages import DEDUP_WINDOW_DAYS, MAX_BATCH_ITEMS
 
 Environment = Literal["development", "test", "production"]
 

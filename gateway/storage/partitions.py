@@ -33,8 +33,6 @@ DAY_LOCK = 0x6777_6479
 #: One maintenance run at a time (bigint key space, apart from DAY_LOCK's).
 MAINTENANCE_LOCK = 0x6761_7465_7761_7902  # "gateway" + 2
 EPOCH = date(2000, 1, 1)
-#: Days before today whose partitions a batch looks its ids up in (0: every day kept).
-DEDUP_WINDOW_DAYS = 2
 NAME_RE = re.compile(rf"^{PARENT}_(\d{{8}})$")
 
 

@@ -28,7 +28,7 @@ from gateway.amqp import accounts
 from gateway.devtools.localstack import LocalStack
 from gateway.runtime import settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yaml"
 PRODUCTION_FILE = ROOT / "docker-compose.production.yaml"
 DOCKERFILE = ROOT / "Dockerfile"

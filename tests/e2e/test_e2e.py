@@ -256,7 +256,7 @@ def test_readme_device_example_runs(apps, api, device: Device) -> None:
         env={**os.environ, **env},
         check=True,
         timeout=30,
-        cwd=Path(__file__).parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
     )
     d = device.device_id
     stored = poll(lambda: len(history(api, d)) == 3 and history(api, d), what="3 rows")
@@ -279,7 +279,7 @@ def dead_letters(api: httpx.Client, device: Device) -> list[dict]:
 
 
 def test_readme_provisioning_block_works_as_written(apps, api) -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = readme.split("<!-- provisioning -->\n```sh\n", 1)[1].split("```", 1)[0]
     device = unique("pump")
     script = (

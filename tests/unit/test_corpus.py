@@ -2,8 +2,8 @@
 broke something goes through the bridge's conversion, the HTTP ingest parse and the worker's
 decoding, and ends as it should (a stored message or a dead letter with its reason).
 
-The same inputs cross the real services too: tests/test_boundary_services.py (worker, bridge)
-and tests/test_hostile_neighbour.py (MQTT and HTTP through the whole stack).
+The same inputs cross the real services too: tests/integration/test_boundary_services.py
+(worker, bridge) and tests/e2e/test_hostile_neighbour.py (MQTT and HTTP through the whole stack).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from gateway.storage.schema import rejected, rejected_counts
 
 pytestmark = pytest.mark.integration
 
-GATEWAY = str(Path(__file__).parent.parent / ".venv" / "bin" / "gateway")
+GATEWAY = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "gateway")
 
 
 def fresh_hour() -> datetime:

@@ -26,7 +26,7 @@ from gateway.devtools.localstack import require_system_packages as require
 from gateway.runtime import logs, metrics
 from gateway.storage.schema import heartbeats
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OPERATIONS = (ROOT / "docs" / "operations.md").read_text()
 SECURITY = (ROOT / "docs" / "security.md").read_text()
 GATEWAY = str(Path(sys.executable).parent / "gateway")

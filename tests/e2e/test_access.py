@@ -267,8 +267,8 @@ def test_rotation_stops_the_old_token_at_once(apps, api, device: Device) -> None
 
 def test_cli_manages_the_registry(apps, api) -> None:
     device_id = unique("cli")
-    env = {**apps.env("api"), "PATH": str(Path(__file__).parent.parent / ".venv" / "bin")}
-    gateway = [str(Path(__file__).parent.parent / ".venv" / "bin" / "gateway"), "devices"]
+    env = {**apps.env("api"), "PATH": str(Path(__file__).resolve().parents[2] / ".venv" / "bin")}
+    gateway = [str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "gateway"), "devices"]
 
     def cli(*args: str) -> str:
         done = subprocess.run(
@@ -440,7 +440,7 @@ def test_api_refuses_an_unsafe_operator_token_outside_development(apps, token: s
 def test_api_process_will_not_start_with_an_unsafe_token(apps) -> None:
     env = {**apps.env("api"), "GATEWAY_ENVIRONMENT": "production", "GATEWAY_OPERATOR_TOKEN": ""}
     done = subprocess.run(
-        [str(Path(__file__).parent.parent / ".venv" / "bin" / "gateway-api")],
+        [str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "gateway-api")],
         env=env,
         capture_output=True,
         text=True,

@@ -19,7 +19,7 @@ from gateway.amqp.publisher import MAX_WORK_MESSAGE_BYTES, Forwarder, Publisher
 from gateway.contract.messages import Heartbeat, Source, decode_work, encode_work
 from gateway.contract.payload import MAX_METRIC_STRING, MAX_METRICS, HeartbeatPayload
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 #: The biggest heartbeat a device can make: every metric a string as long as allowed.
 LARGEST = HeartbeatPayload(

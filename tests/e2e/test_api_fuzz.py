@@ -238,7 +238,7 @@ def test_the_heartbeat_route_with_a_devices_own_token(
         case.path_parameters = {"device_id": device.device_id}
         case.headers = {**(case.headers or {}), **device.auth}
         response = case.call(timeout=15)
-        # Auth is not under test here (tests/test_access.py has it): the case's own was
+        # Auth is not under test here (tests/e2e/test_access.py has it): the case's own was
         # replaced, which `ignored_auth` would take for an invalid one accepted.
         excluded = [positive_data_acceptance, negative_data_rejection, ignored_auth]
         case.validate_response(response, excluded_checks=excluded)

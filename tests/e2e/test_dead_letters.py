@@ -18,7 +18,7 @@ from gateway.storage import writes
 
 pytestmark = pytest.mark.e2e
 
-GATEWAY = str(Path(__file__).parent.parent / ".venv" / "bin" / "gateway")
+GATEWAY = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "gateway")
 
 
 def publish_raw(stack: LocalStack, device: Device, bodies: list[bytes]) -> None:
