@@ -42,7 +42,7 @@ import httpx
 import psycopg2
 from sqlalchemy import create_engine
 
-from gateway.contract.messages import Heartbeat, Source
+from gateway.contract.messages import DEDUP_WINDOW_DAYS, Heartbeat, Source
 from gateway.contract.payload import HeartbeatPayload
 from gateway.devtools.localstack import LocalStack, StackError
 from gateway.devtools.simulate import percentiles
@@ -288,7 +288,7 @@ def measure(stack: LocalStack, dsn: str, now: datetime, requests: int, rng: rand
     with httpx.Client(base_url=stack.api_url + "/api/v1", headers=headers, timeout=30) as client:
         result = {"hot": hot(client, now, requests)}
         result["cold"], result["warm"] = cold_and_warm(client, now, requests, rng)
-    result["worker_batch_500"] = batch_writes(dsn, partitions.DEDUP_WINDOW_DAYS)
+    result["worker_batch_500"] = batch_writes(dsn, DEDUP_WINDOW_DAYS)
     result["worker_batch_500_all_days"] = batch_writes(dsn, 0)
     return result
 
@@ -339,7 +339,7 @@ def table(results: dict) -> str:
     for name, what in (
         (
             "worker_batch_500",
-            f"worker batch of 500, copies looked for {partitions.DEDUP_WINDOW_DAYS} days back",
+            f"worker batch of 500, copies looked for {DEDUP_WINDOW_DAYS} days back",
         ),
         ("worker_batch_500_all_days", f"the same, in all {DAYS} days"),
     ):

@@ -93,6 +93,13 @@ valid_metric_names = st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True).fil
     lambda n: n not in ("ts", "seq", "msg_id", "metrics")
 )
 metric_names = valid_metric_names | any_text | st.just("x" * 65)
+#: Every value a metric may hold and be stored as sent.
+valid_metric_values = (
+    st.booleans()
+    | st.integers(min_value=-(2**63 - 1), max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=256).filter(lambda s: "\x00" not in s)
+)
 
 # ---- timestamps ---------------------------------------------------------------------------
 

@@ -61,7 +61,15 @@ def provision(
 def run_simulate(args: argparse.Namespace) -> int:
     # The simulator needs the `simulate` extra (httpx): imported here, so that the rest of the
     # command works in an install without extras.
-    from gateway.devtools.simulate import Simulation, Tally
+    try:
+        from gateway.devtools.simulate import Simulation, Tally
+    except ImportError as exc:
+        print(
+            f"gateway simulate needs the simulate extra ({exc.name} is missing): "
+            "pip install 'heartbeat-gateway[simulate]'",
+            file=sys.stderr,
+        )
+        return 2
 
     settings = CommonSettings()
     creds = provision(settings, args.prefix, args.devices, args.interval)

@@ -36,7 +36,14 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.sql.selectable import TableValuedAlias
 
-from gateway.contract.messages import DeviceStatus, Heartbeat, Rejection, StatusReport, to_json
+from gateway.contract.messages import (
+    DEDUP_WINDOW_DAYS,
+    DeviceStatus,
+    Heartbeat,
+    Rejection,
+    StatusReport,
+    to_json,
+)
 from gateway.storage import liveness, partitions
 from gateway.storage.liveness import StatusEvent
 from gateway.storage.mirror import DeviceState
@@ -67,7 +74,7 @@ def write_batch(
     *,
     default_interval_s: int = 30,
     offline_factor: float = 3.0,
-    dedup_window_days: int = partitions.DEDUP_WINDOW_DAYS,
+    dedup_window_days: int = DEDUP_WINDOW_DAYS,
 ) -> BatchResult:
     """Insert heartbeats (skipping ones already stored), move device state forward, and record
     every change of status as an event. Messages of disabled devices are left out and returned

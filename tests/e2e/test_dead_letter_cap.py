@@ -14,10 +14,10 @@ from pathlib import Path
 import aio_pika
 import httpx
 import pytest
+from inprocess import worker_for
 from prometheus_client import REGISTRY
 from sqlalchemy import Engine, func, select
 from support import apoll, poll, serving, unique
-from test_worker_integration import worker_for
 
 from gateway.amqp.publisher import Publisher
 from gateway.contract.messages import Rejection, Source

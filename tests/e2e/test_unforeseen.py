@@ -14,11 +14,20 @@ from datetime import UTC, datetime
 import aio_pika
 import httpx
 import pytest
+from inprocess import (
+    beat,
+    bridge_for,
+    count_rows,
+    declared,
+    depth,
+    open_publisher,
+    publish_as_mqtt,
+    take,
+    worker_for,
+)
 from sqlalchemy import Engine, select
 from support import Device, apoll, history, poll, serving, unique
-from test_bridge_integration import bridge_for, declared, depth, publish_as_mqtt, take
 from test_ingest_paths import Api, inproc  # noqa: F401 (a fixture)
-from test_worker_integration import beat, count_rows, open_publisher, worker_for
 
 from gateway.amqp import topology
 from gateway.amqp.publisher import Forwarder

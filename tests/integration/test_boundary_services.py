@@ -32,10 +32,18 @@ from hostile import (
 )
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from inprocess import (
+    beat,
+    bridge_for,
+    count_rows,
+    declared,
+    open_publisher,
+    publish_as_mqtt,
+    take,
+    worker_for,
+)
 from sqlalchemy import Engine, select, text
 from support import apoll, assert_stored_as_sent, serving, unique
-from test_bridge_integration import bridge_for, declared, publish_as_mqtt, take
-from test_worker_integration import beat, count_rows, open_publisher, worker_for
 
 from gateway.amqp import topology
 from gateway.amqp.publisher import ITEMS_HEADER

@@ -7,13 +7,12 @@ Messages enter `amq.topic` exactly as RabbitMQ's MQTT plugin publishes them (rou
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+from collections.abc import Awaitable
 
 import aio_pika
 import pytest
+from inprocess import bridge_for, declared, depth, publish_as_mqtt, take
 from support import apoll, serving, unique
 
 from bridge.service import Bridge
@@ -24,41 +23,6 @@ from gateway.runtime import metrics
 from gateway.runtime.settings import BridgeSettings
 
 pytestmark = pytest.mark.integration
-
-
-async def publish_as_mqtt(channel: aio_pika.abc.AbstractChannel, key: str, body: bytes) -> None:
-    exchange = await channel.get_exchange(topology.MQTT_EXCHANGE)
-    await exchange.publish(
-        aio_pika.Message(
-            body,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            headers={"x-mqtt-publish-qos": 1, "x-mqtt-dup": False},
-        ),
-        key,
-    )
-
-
-async def take(channel: aio_pika.abc.AbstractChannel, queue: str) -> aio_pika.IncomingMessage:
-    q = await channel.get_queue(queue)
-    return await apoll(lambda: q.get(no_ack=True, fail=False), what=f"a message on {queue}")
-
-
-async def depth(channel: aio_pika.abc.AbstractChannel, queue: str) -> int:
-    declared = await channel.declare_queue(queue, durable=True, passive=True)
-    return declared.declaration_result.message_count
-
-
-@contextlib.asynccontextmanager
-async def declared(vhost: str) -> AsyncIterator[tuple[aio_pika.abc.AbstractConnection, Any]]:
-    """A connection to the test vhost, and a channel on which the topology is declared."""
-    async with await aio_pika.connect(vhost) as conn:
-        channel = await conn.channel()
-        await topology.declare(channel, inbox=True)
-        yield conn, channel
-
-
-def bridge_for(url: str) -> Bridge:
-    return Bridge(BridgeSettings(amqp_url=url, bridge_health_port=0))
 
 
 def test_valid_heartbeat_becomes_one_canonical_message(vhost: str) -> None:

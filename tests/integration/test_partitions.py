@@ -15,7 +15,7 @@ from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.exc import OperationalError
 from support import plan_of, poll, statements_run_by, unique
 
-from gateway.contract.messages import Heartbeat, Source
+from gateway.contract.messages import DEDUP_WINDOW_DAYS, Heartbeat, Source
 from gateway.contract.payload import HeartbeatPayload
 from gateway.storage import partitions, writes
 from gateway.storage import reads as queries
@@ -71,7 +71,7 @@ def test_a_retry_is_stored_once_across_partitions(engine: Engine) -> None:
 def test_the_lookup_reaches_back_as_far_as_the_window(engine: Engine) -> None:
     device = unique()
     today = db_today(engine)
-    old = today - timedelta(days=partitions.DEDUP_WINDOW_DAYS + 1)
+    old = today - timedelta(days=DEDUP_WINDOW_DAYS + 1)
     write(engine, [beat(device, "old")])
     with engine.begin() as conn:
         partitions.ensure(conn, old)

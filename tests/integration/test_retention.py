@@ -10,10 +10,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from alembic import command
+from inprocess import worker_for
 from sqlalchemy import Engine, create_engine, func, select, text
 from support import apoll, serving, unique
 from test_partitions import run_maintain
-from test_worker_integration import worker_for
 
 from gateway.storage import retention
 from gateway.storage.engine import alembic_config, migrate

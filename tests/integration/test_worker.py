@@ -15,14 +15,16 @@ import aio_pika
 import pytest
 import redis
 from hostile import SESSION_ZONES, in_range_datetimes
+from hostile import valid_metric_names as metric_names
+from hostile import valid_metric_values as metric_values
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from inprocess import beat, count_rows, open_publisher, worker_for
 from sqlalchemy import Engine, func, select, text
 from support import apoll, assert_stored_as_sent, serving, unique
-from test_properties import metric_names, metric_values
 
 from gateway.amqp import topology
-from gateway.amqp.publisher import ITEMS_HEADER, Publisher
+from gateway.amqp.publisher import ITEMS_HEADER
 from gateway.contract.messages import (
     Heartbeat,
     Source,
@@ -32,41 +34,13 @@ from gateway.contract.messages import (
     utcnow,
 )
 from gateway.contract.payload import TS_MAX, TS_MIN, HeartbeatPayload
-from gateway.runtime.settings import WorkerSettings
 from gateway.storage import mirror, writes
 from gateway.storage.schema import devices, heartbeats, rejected
-from worker.service import MAX_ATTEMPTS, Worker
+from worker.service import MAX_ATTEMPTS
 
 pytestmark = pytest.mark.integration
 
 T0 = datetime(2026, 11, 29, 10, 0, tzinfo=UTC)
-
-
-def worker_for(url: str, stack, **overrides) -> Worker:
-    settings = WorkerSettings(
-        amqp_url=url,
-        database_url=stack.database_url,
-        redis_url=stack.redis_url,
-        worker_health_port=0,
-        **overrides,
-    )
-    return Worker(settings)
-
-
-def beat(device: str, msg_id: str, at: datetime, **metrics) -> Heartbeat:
-    payload = HeartbeatPayload(msg_id=msg_id, seq=int(msg_id.rsplit("-", 1)[-1]), metrics=metrics)
-    return Heartbeat.from_payload(device, payload, Source.MQTT, received_at=at)
-
-
-def count_rows(engine: Engine, device: str) -> int:
-    with engine.connect() as conn:
-        return conn.scalar(
-            select(func.count()).select_from(heartbeats).where(heartbeats.c.device_id == device)
-        )
-
-
-async def open_publisher(conn: aio_pika.abc.AbstractConnection) -> Publisher:
-    return await Publisher.open(conn, timeout=10)
 
 
 def test_batches_one_transaction_each(vhost: str, stack, engine: Engine) -> None:

@@ -10,7 +10,15 @@ from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
-from hostile import in_range_ts, payloads, routing_keys, utc_instant, valid_payloads
+from hostile import (
+    in_range_ts,
+    payloads,
+    routing_keys,
+    utc_instant,
+    valid_metric_names,
+    valid_metric_values,
+    valid_payloads,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -79,15 +87,8 @@ def test_arbitrary_json_parses_or_is_refused(value: object) -> None:
         assert decode_work(encode_work(WorkBatch(items=[beat, beat]))) == [beat, beat]
 
 
-metric_names = st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True).filter(
-    lambda n: n not in ("ts", "seq", "msg_id", "metrics")
-)
-metric_values = (
-    st.booleans()
-    | st.integers(min_value=-(2**63 - 1), max_value=2**63 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=256).filter(lambda s: "\x00" not in s)
-)
+metric_names = valid_metric_names
+metric_values = valid_metric_values
 
 
 def instant_of(ts: str | int | float) -> datetime | None:
