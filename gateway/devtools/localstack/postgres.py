@@ -79,7 +79,7 @@ class PostgresCluster:
         self._create_database()
 
     def _create_database(self) -> None:
-        with self._postgres_admin() as cur:
+        with self.postgres_admin() as cur:
             # The stack's secret, set on every start (a lost secret file is simply replaced).
             cur.execute(f'ALTER ROLE "{DATABASE_USER}" PASSWORD %s', (self.secret("postgres"),))
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
@@ -87,7 +87,7 @@ class PostgresCluster:
                 cur.execute(f'CREATE DATABASE "{DATABASE}"')
 
     @contextlib.contextmanager
-    def _postgres_admin(self) -> Iterator[Any]:
+    def postgres_admin(self) -> Iterator[Any]:
         """A cursor on the `postgres` database over the stack's own socket, in autocommit (for
         CREATE and DROP DATABASE, and setting the role's password)."""
         import psycopg2
@@ -112,7 +112,7 @@ class PostgresCluster:
 
         for name in ("api", "bridge", "worker"):
             self.stop_app(name)
-        with self._postgres_admin() as cur:
+        with self.postgres_admin() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
         self._create_database()
         self.migrate()
