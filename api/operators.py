@@ -24,17 +24,10 @@ from gateway.contract.credentials import token_hash
 from gateway.contract.messages import DeviceStatus, utcnow
 from gateway.contract.payload import METRIC_NAME_PATTERN
 from gateway.contract.reasons import Reason
-from gateway.storage import mirror, quality, reads, registry
+from gateway.storage import mirror, quality, reads, registry, views
 from gateway.storage.liveness import StatusEvent
-from gateway.storage.reads import (
-    MAX_CURSOR,
-    MAX_PAGE,
-    DeviceView,
-    Fleet,
-    HeartbeatRecord,
-    Page,
-    RejectedRecord,
-)
+from gateway.storage.reads import MAX_CURSOR, MAX_PAGE
+from gateway.storage.views import DeviceView, Fleet, HeartbeatRecord, Page, RejectedRecord
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -222,8 +215,8 @@ def device_metrics(
             f"at most {reads.MAX_BUCKETS} buckets in the window",
         ),
     ] = "1m",
-    agg: reads.Aggregate = "avg",
-) -> reads.MetricSeries:
+    agg: views.Aggregate = "avg",
+) -> views.MetricSeries:
     """Buckets start at multiples of the width (from 2000-01-01T00:00Z); a bucket without a
     value of that metric is absent. Default window: the 24 hours before `until` (now).
     `avg`, `min` and `max` are computed exactly (PostgreSQL numeric) over the numbers

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, text
 from support import plan_of, statements_run_by
 
 from gateway.devtools.localstack import LocalStack
-from gateway.storage import liveness, reads
+from gateway.storage import liveness, reads, views
 from gateway.storage.engine import make_engine, migrate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -108,7 +108,7 @@ def test_the_sweep_reads_only_expired_devices(big_fleet: Engine) -> None:
 
 
 def test_the_fleet_view_at_100k(big_fleet: Engine) -> None:
-    def fleet() -> reads.Fleet:
+    def fleet() -> views.Fleet:
         with big_fleet.connect() as conn:
             return reads.fleet_counts(conn)
 
