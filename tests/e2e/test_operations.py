@@ -20,7 +20,7 @@ from sqlalchemy import Engine, func, select
 from support import poll, unique
 
 from gateway.amqp import sessions
-from gateway.cli.main import main as cli
+from gateway.cli import stack as stack_cli
 from gateway.devtools.localstack import DEV_PORTS, LocalStack, StackError, config_lines
 from gateway.devtools.localstack import require_system_packages as require
 from gateway.runtime import logs, metrics
@@ -118,7 +118,7 @@ def test_gateway_commands_default_to_the_local_stack(tmp_path: Path, monkeypatch
     for name in ("DATABASE", "AMQP", "REDIS", "BROKER_MANAGEMENT"):
         monkeypatch.delenv(f"GATEWAY_{name}_URL", raising=False)
     monkeypatch.setenv("GATEWAY_REDIS_URL", "redis://elsewhere:6379/0")
-    cli._local_stack_defaults()
+    stack_cli.local_stack_defaults()
     import os
 
     assert os.environ["GATEWAY_DATABASE_URL"] == stack.database_url
@@ -130,7 +130,7 @@ def test_gateway_commands_default_to_the_local_stack(tmp_path: Path, monkeypatch
 def test_missing_packages_are_named_with_the_command_that_installs_them(monkeypatch) -> None:
     """Not root: nothing is installed, the message says what to install and how."""
     monkeypatch.setattr(
-        "gateway.devtools.localstack._have", lambda command: command != "redis-server"
+        "gateway.devtools.localstack.base.have", lambda command: command != "redis-server"
     )
     monkeypatch.setattr("os.geteuid", lambda: 1000)
     packages = {"rabbitmq-server": "rabbitmq-server", "redis-server": "redis-server"}
