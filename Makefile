@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run up down status test fault-report lint format bench bench-history install clean compose-env
+.PHONY: run up down status test test-unit fault-report lint format bench bench-history install clean compose-env
 
 run: install  ## Start the stack in the foreground; Ctrl-C stops everything
 	$(BIN)/gateway stack run
@@ -22,6 +22,9 @@ status: install
 test: install  ## The whole suite: unit, integration, end-to-end (starts its own stack)
 	$(BIN)/gateway stack install --with-test-tools
 	$(BIN)/pytest
+
+test-unit: install  ## Only the unit tests: no service needed
+	$(BIN)/pytest tests/unit
 
 fault-report: install  ## The last run's fault report into docs/results/faults.json and the table of docs/guarantees.md
 	$(BIN)/python tests/fault_report.py
