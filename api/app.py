@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,13 +17,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import broker_auth, ingest, operators
+from api import broker_auth, commands, ingest, operators
+from api.command_hub import CommandHub
 from api.context import Context
 from api.stream import StatusStream
 from api.tokens import TokenCache
 from gateway import logs, queries
 from gateway.broker import Forwarder, Publisher, connect
 from gateway.db import is_cancelled, is_transient, make_engine
+from gateway.dispatcher import Dispatcher
 from gateway.errors import InputError
 from gateway.health import broker_ready, check_storage, is_ready
 from gateway.settings import ApiSettings
@@ -101,7 +104,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         try:
             publisher = await Publisher.open(connection, timeout=settings.api_confirm_timeout_s)
             tokens = TokenCache()
-            stream = StatusStream(engine.url, tokens)
+            hub = CommandHub()
+            hub.dispatcher = Dispatcher(engine, publisher)
+            stream = StatusStream(engine.url, tokens, hub)
             stream.start()
             app.state.context = Context(
                 settings,
@@ -115,9 +120,16 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                     publisher, size=settings.api_batch_size, linger_s=settings.api_linger_ms / 1000
                 ),
                 tokens=tokens,
+                commands=hub,
+            )
+            stopping = asyncio.Event()
+            dispatching = asyncio.create_task(
+                hub.dispatcher.run(stopping), name="commands:dispatcher"
             )
             log.info("api ready")
             yield
+            stopping.set()
+            await dispatching
             stream.stop()
         finally:
             await connection.close()
@@ -133,6 +145,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     )
     app.include_router(ingest.router)
     app.include_router(operators.router)
+    app.include_router(commands.operators)
+    app.include_router(commands.devices)
     app.include_router(broker_auth.router)
 
     @app.exception_handler(SQLAlchemyError)

@@ -14,6 +14,7 @@ from pydantic import AfterValidator
 from pydantic_core import PydanticCustomError
 from sqlalchemy import Engine
 
+from api.command_hub import CommandHub
 from api.stream import StatusStream
 from api.tokens import TokenCache
 from gateway.broker import Forwarder, Publisher
@@ -39,6 +40,8 @@ class Context:
     redis_breaker: Breaker = field(default_factory=Breaker)
     #: Device tokens already checked (evicted on any credential change).
     tokens: TokenCache = field(default_factory=TokenCache)
+    #: Devices with live commands, long-polls waiting, the dispatcher (`api.command_hub`).
+    commands: CommandHub = field(default_factory=CommandHub)
 
 
 async def context(request: Request) -> Context:

@@ -19,7 +19,8 @@ from api.auth import Operator
 from api.context import Context, DevicePath, Since, Until, context
 from api.responses import errors
 from api.stream import OVERFLOW
-from gateway import quality, queries, registry, sessions, state
+from gateway import command_store, quality, queries, registry, sessions, state
+from gateway.commands import set_heartbeat_interval
 from gateway.credentials import token_hash
 from gateway.errors import Reason
 from gateway.liveness import StatusEvent
@@ -106,6 +107,8 @@ def change_device(device_id: DevicePath, changes: registry.DeviceChanges, ctx: C
         device = registry.change(
             conn, device_id, changes, offline_factor=ctx.settings.offline_factor
         )
+        if changes.heartbeat_interval_s is not None:  # the device is told, in the same commit
+            command_store.create(conn, device_id, set_heartbeat_interval(device))
     _tokens_changed(ctx, device_id)
     if changes.enabled is False:
         sessions.close_sessions(ctx.settings.broker_management_url, device_id)

@@ -10,7 +10,7 @@ import aio_pika.abc
 
 from gateway import metrics, topology
 from gateway.broker import Acks, Forwarder, Publisher, PublishFailed, connect
-from gateway.convert import Forward, Ignore, Outcome, Reject, convert
+from gateway.convert import Forward, ForwardReply, Ignore, Outcome, Reject, convert
 from gateway.errors import unforeseen
 from gateway.health import HealthServer, broker_ready
 from gateway.messages import Rejection, Source
@@ -81,6 +81,8 @@ class Bridge:
                 self._forwarded += 1
                 return
         match outcome:
+            case ForwardReply(reply):
+                await self._publisher.publish_reply(reply)
             case Reject(rejection):
                 await self._publisher.publish_rejection(rejection)
                 metrics.REJECTED.labels(Source.MQTT.value, rejection.reason.value).inc()

@@ -198,3 +198,13 @@ def _parse_reply(device_id: str, raw: bytes, source: Source, received_at: dateti
 
 def expiry(ttl_s: int, now: datetime | None = None) -> datetime:
     return (now or utcnow()) + timedelta(seconds=ttl_s)
+
+
+def set_heartbeat_interval(device: Any) -> CommandRequest:
+    """The command that tells a device its new heartbeat interval (an operator changed it):
+    its status says whether the device took it."""
+    return CommandRequest(
+        name=SET_HEARTBEAT_INTERVAL,
+        args={"heartbeat_interval_s": device.heartbeat_interval_s},
+        ttl_s=SET_INTERVAL_TTL_S,
+    )

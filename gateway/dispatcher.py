@@ -1,0 +1,126 @@
+"""The command dispatcher: pending commands to the broker, and the expiry sweep.
+
+Each pass takes the oldest pending commands row-locked (`FOR UPDATE SKIP LOCKED`: several api
+processes never take the same one), publishes each to `devices/<id>/commands` with the
+broker's own expiry set to what is left of its time to live, and marks it `sent` only after the
+broker confirmed it, in the transaction that holds the lock. A process killed in between leaves
+the command `pending` (the lock goes with its connection), and the next pass publishes it again:
+at least once, and the device drops the repeat by id. The sweep moves live commands past
+`expires_at` to `expired`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from gateway import command_store, metrics
+from gateway.broker import Publisher, PublishFailed
+from gateway.commands import Command
+from gateway.db import short_error
+from gateway.messages import utcnow
+
+log = logging.getLogger(__name__)
+
+#: Commands published per pass (one transaction).
+BATCH = 100
+
+
+class Dispatcher:
+    def __init__(self, engine: Engine, publisher: Publisher, *, period_s: float = 1.0) -> None:
+        self.engine = engine
+        self.publisher = publisher
+        self.period_s = period_s
+        self._wake = asyncio.Event()
+        self.published = 0
+
+    def wake(self) -> None:
+        """A command was stored: dispatch now rather than at the next period."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        delay = self.period_s
+        while not stop.is_set():
+            try:
+                more = await self.dispatch_once()
+                await asyncio.to_thread(self._expire)
+                delay = self.period_s
+            except (SQLAlchemyError, PublishFailed) as exc:
+                metrics.PUBLISH_FAILURES.labels("dispatcher").inc()
+                log.warning("commands not dispatched (%s); retrying in %.1f s", _short(exc), delay)
+                more = False
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 10.0)
+                continue
+            if more:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wait(stop), self.period_s)
+            self._wake.clear()
+
+    async def _wait(self, stop: asyncio.Event) -> None:
+        waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def dispatch_once(self) -> bool:
+        """Publish one batch of pending commands; True when there may be more."""
+        self._wake.clear()
+        conn = await asyncio.to_thread(self.engine.connect)
+        try:
+            await asyncio.to_thread(conn.begin)
+            claimed = await asyncio.to_thread(command_store.claim_pending, conn, BATCH)
+            if not claimed:
+                await asyncio.to_thread(conn.rollback)
+                return False
+            confirmed = await self._publish(claimed)
+            await asyncio.to_thread(self._mark_sent, conn, confirmed)
+        finally:
+            await asyncio.to_thread(conn.close)  # rolls back whatever was not committed
+        self.published += len(confirmed)
+        return len(claimed) == BATCH
+
+    async def _publish(self, claimed: list[Command]) -> list[Command]:
+        """Publish concurrently; the confirmed ones. Raises PublishFailed when none was."""
+        now = utcnow()
+        live = [c for c in claimed if (c.expires_at - now).total_seconds() > 0.001]
+
+        async def one(c: Command) -> Command:
+            left_ms = int((c.expires_at - utcnow()).total_seconds() * 1000)
+            await self.publisher.publish_command(c.device_id, c.wire(), left_ms)
+            return c
+
+        results = await asyncio.gather(*(one(c) for c in live), return_exceptions=True)
+        confirmed = [r for r in results if isinstance(r, Command)]
+        failures = [r for r in results if isinstance(r, BaseException)]
+        for failure in failures:
+            if not isinstance(failure, PublishFailed):
+                raise failure
+        if failures:
+            log.warning("%d of %d commands not confirmed by the broker", len(failures), len(live))
+            if not confirmed:
+                raise failures[0]
+        return confirmed
+
+    @staticmethod
+    def _mark_sent(conn: Connection, confirmed: list[Command]) -> None:
+        command_store.mark_sent(conn, [c.id for c in confirmed], "mqtt")
+        conn.commit()
+
+    def _expire(self) -> None:
+        with self.engine.begin() as conn:
+            expired = command_store.expire_due(conn)
+        if expired:
+            log.info("%d commands expired", len(expired))
+
+
+def _short(exc: Exception) -> str:
+    return short_error(exc) if isinstance(exc, SQLAlchemyError) else str(exc)
