@@ -26,7 +26,14 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    StringConstraints,
+    ValidationError,
+)
 
 from gateway.errors import InputError, Reason, unforeseen
 from gateway.messages import Source, Timestamp, utcnow
@@ -118,9 +125,9 @@ class CommandMessage(BaseModel):
 class ReplyPayload(BaseModel):
     """A device's reply, as it sends it."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid")
 
-    id: str
+    id: StrictStr
     status: CommandStatus
     result: dict[str, Any] = Field(default_factory=dict)
 
