@@ -4,17 +4,22 @@ dead letters, and the operator's interval change."""
 from __future__ import annotations
 
 import json
+import os
 import queue
+import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
-from support import Device, poll
+from support import OPERATOR_TOKEN, Device, poll, unique
 
 from gateway import command_store
 from gateway.commands import CommandRequest, CommandStatus
@@ -278,3 +283,61 @@ def test_status_changes_are_events_on_the_stream(apps, api, device) -> None:
     listener.join(20)
     mine = [e["status"] for e in events if e["id"] == sent["id"]]
     assert mine == ["pending", "sent"]
+
+
+def test_readme_commands_block_works_as_written(apps, api) -> None:
+    """The provisioning block, then the commands block: the command reaches mosquitto_sub,
+    mosquitto_pub's reply makes it `succeeded`."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    provisioning = readme.split("<!-- provisioning -->\n```sh\n", 1)[1].split("```", 1)[0]
+    commands_block = readme.split("<!-- commands -->\n```sh\n", 1)[1].split("```", 1)[0]
+    device = unique("pump")
+    script = (
+        (provisioning + commands_block)
+        .replace(".run/dev/operator-token", str(apps.run_dir / "operator-token.readme"))
+        .replace("pump-7", device)
+        .replace("127.0.0.1:8000", f"127.0.0.1:{apps.ports.api}")
+        .replace("-p 1884", f"-p {apps.ports.mqtt}")
+    )
+    (apps.run_dir / "operator-token.readme").write_text(OPERATOR_TOKEN + "\n")
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    delivered = re.search(r'\{"id":"([0-9a-f-]{36})","name":"reboot"', done.stdout)
+    assert delivered, done.stdout
+    command_id = delivered.group(1)
+    assert status_becomes(api, command_id, "succeeded")["args"] == {"delay_s": 5}
+
+
+def test_the_example_device_handles_reboot_and_set_interval(apps, api, device) -> None:
+    example = Path(__file__).parent.parent / "examples" / "paho_commands.py"
+    env = {
+        **os.environ,
+        "DEVICE_ID": device.device_id,
+        "DEVICE_TOKEN": device.token,
+        "MQTT_PORT": str(apps.ports.mqtt),
+        "INTERVAL": "1",
+        "DURATION": "20",
+    }
+    process = subprocess.Popen([sys.executable, str(example)], env=env)
+    try:
+        poll(
+            lambda: api.get(f"/api/v1/devices/{device.device_id}").json()["status"] == "online",
+            what="the example device online",
+        )
+        reboot = send(api, device.device_id, name="reboot")
+        api.patch(f"/api/v1/devices/{device.device_id}", json={"heartbeat_interval_s": 2})
+        assert status_becomes(api, reboot["id"], "succeeded")["result"] == {"rebooting_in_s": 1}
+        interval = poll(
+            lambda: [
+                c
+                for c in api.get(f"/api/v1/devices/{device.device_id}/commands").json()["items"]
+                if c["name"] == "set_heartbeat_interval" and c["status"] == "succeeded"
+            ],
+            what="set_heartbeat_interval succeeded",
+        )
+        assert interval[0]["result"] == {"heartbeat_interval_s": 2.0}
+    finally:
+        process.terminate()
+        process.wait(10)
