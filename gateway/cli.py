@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         commands.add_parser("rejected", help="list and replay dead letters (GATEWAY_DATABASE_URL)")
     )
 
+    from gateway.commands_cli import add_arguments as commands_arguments
+
+    commands_arguments(
+        commands.add_parser("commands", help="send, list, show, cancel commands to devices")
+    )
+
     from gateway.simulate_cli import add_arguments as simulate_arguments
 
     simulate_arguments(
@@ -145,6 +151,10 @@ def _run(args: argparse.Namespace) -> int:
         from gateway.devices_cli import run_devices
 
         return run_devices(args)
+    if args.command == "commands":
+        from gateway.commands_cli import run_commands
+
+        return run_commands(args)
     if args.command == "rejected":
         from gateway.rejected_cli import run_rejected
 

@@ -341,3 +341,25 @@ def test_the_example_device_handles_reboot_and_set_interval(apps, api, device) -
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_cli_sends_lists_shows_and_cancels(apps, api, device) -> None:
+    env = {**os.environ, "GATEWAY_DATABASE_URL": apps.database_url}
+    gateway = [str(Path(sys.executable).parent / "gateway"), "commands"]
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*gateway, *args], env=env, capture_output=True, text=True, timeout=30, check=False
+        )
+
+    sent = cli("send", device.device_id, "reboot", "--args", '{"delay_s": 3}', "--ttl", "60")
+    assert sent.returncode == 0, sent.stderr
+    command_id = json.loads(sent.stdout)["id"]
+    status_becomes(api, command_id, "sent")  # the api's dispatcher heard of it
+    listed = cli("list", device.device_id)
+    assert command_id in listed.stdout and "sent" in listed.stdout
+    assert json.loads(cli("show", command_id).stdout)["args"] == {"delay_s": 3}
+    refused = cli("cancel", command_id)
+    assert refused.returncode == 1 and "only a pending" in refused.stderr
+    assert cli("send", "no-such-device", "reboot").returncode == 1
+    assert cli("send", device.device_id, "bad name").returncode == 1
