@@ -51,7 +51,7 @@ operators = APIRouter(
     "/devices/{device_id}/commands",
     status_code=status.HTTP_202_ACCEPTED,
     summary="Send a device a command",
-    responses=errors(404),
+    responses=errors(400, 404),
 )
 def send_command(device_id: DevicePath, request: CommandRequest, ctx: Ctx) -> Command:
     """Stored `pending` before this answers; delivered over MQTT (QoS 1, the broker's own
