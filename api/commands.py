@@ -68,7 +68,11 @@ def send_command(device_id: DevicePath, request: CommandRequest, ctx: Ctx) -> Co
     return command
 
 
-@operators.get("/devices/{device_id}/commands", summary="A device's commands, newest first")
+@operators.get(
+    "/devices/{device_id}/commands",
+    summary="A device's commands, newest first",
+    responses=errors(400),
+)
 def list_commands(
     device_id: DevicePath,
     ctx: Ctx,
