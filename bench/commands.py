@@ -79,8 +79,13 @@ def run(stack: LocalStack, args: argparse.Namespace) -> dict:
     received: dict[str, float] = {}
     responders = [Responder(stack.ports.mqtt, d.device_id, d.token, received) for d in devices]
     token = stack.operator_token()
+    # One client for every sender (thread-safe): a new one per request would cost its TLS
+    # context, several times the request.
     client = httpx.Client(
-        base_url=stack.api_url, headers={"Authorization": f"Bearer {token}"}, timeout=10
+        base_url=stack.api_url,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+        limits=httpx.Limits(max_connections=args.senders + 8),
     )
     posted: dict[str, float] = {}
     lock = threading.Lock()
@@ -88,10 +93,7 @@ def run(stack: LocalStack, args: argparse.Namespace) -> dict:
     def post(n: int) -> None:
         device = devices[n % len(devices)]
         started = time.time()
-        with httpx.Client(
-            base_url=stack.api_url, headers={"Authorization": f"Bearer {token}"}, timeout=10
-        ) as c:
-            r = c.post(f"/api/v1/devices/{device.device_id}/commands", json={"name": "ping"})
+        r = client.post(f"/api/v1/devices/{device.device_id}/commands", json={"name": "ping"})
         if r.status_code == 202:
             with lock:
                 posted[r.json()["id"]] = started
