@@ -59,6 +59,16 @@ class CommandHub:
         if state == CommandStatus.PENDING and self.dispatcher is not None:
             self.dispatcher.wake()
 
+    def status_changed(self, payload: str) -> None:
+        """A device's status changed: one back online may have commands it never got."""
+        try:
+            change = json.loads(payload)
+            device_id, to_status = change["device_id"], change["to_status"]
+        except (ValueError, KeyError, TypeError):
+            return
+        if to_status == "online" and self.may_have(device_id) and self.dispatcher is not None:
+            self.dispatcher.came_online(device_id)
+
     # ---- used by requests -----------------------------------------------------------------
 
     def may_have(self, device_id: str) -> bool:

@@ -92,6 +92,8 @@ class StatusStream:
                 self._on_loop(self._commands.changed, note.payload)
         else:
             self._on_loop(self._publish, note.payload)
+            if self._commands is not None:
+                self._on_loop(self._commands.status_changed, note.payload)
 
     def _activate_tokens(self, conn: Connection) -> None:
         """Listening: from now on every credential change reaches the token cache, so it may

@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import command_store, metrics
 from gateway.broker import Publisher, PublishFailed
-from gateway.commands import Command
+from gateway.commands import Command, CommandStatus
 from gateway.db import short_error
 from gateway.messages import utcnow
 
@@ -38,9 +38,17 @@ class Dispatcher:
         self.period_s = period_s
         self._wake = asyncio.Event()
         self.published = 0
+        #: Devices that came online, whose live `sent` commands are published again.
+        self._returned: set[str] = set()
 
     def wake(self) -> None:
         """A command was stored: dispatch now rather than at the next period."""
+        self._wake.set()
+
+    def came_online(self, device_id: str) -> None:
+        """The device is back: what it was sent and has not answered is published again (a
+        session that was not kept lost it; a kept one gets a repeat, dropped by its id)."""
+        self._returned.add(device_id)
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -48,11 +56,17 @@ class Dispatcher:
         while not stop.is_set():
             try:
                 more = await self.dispatch_once()
+                await self.resend_returned()
                 await asyncio.to_thread(self._expire)
                 delay = self.period_s
-            except (SQLAlchemyError, PublishFailed) as exc:
+            except Exception as exc:  # never dies: a pass that fails is tried again
                 metrics.PUBLISH_FAILURES.labels("dispatcher").inc()
-                log.warning("commands not dispatched (%s); retrying in %.1f s", _short(exc), delay)
+                if isinstance(exc, SQLAlchemyError | PublishFailed):
+                    log.warning(
+                        "commands not dispatched (%s); retrying in %.1f s", _short(exc), delay
+                    )
+                else:
+                    log.exception("commands not dispatched; retrying in %.1f s", delay)
                 more = False
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 10.0)
@@ -87,6 +101,30 @@ class Dispatcher:
             await asyncio.to_thread(conn.close)  # rolls back whatever was not committed
         self.published += len(confirmed)
         return len(claimed) == BATCH
+
+    async def resend_returned(self) -> None:
+        """Publish again the live `sent` commands of the devices that came online."""
+        if not self._returned:
+            return
+        returned, self._returned = self._returned, set()
+
+        def live() -> list[Command]:
+            with self.engine.connect() as conn:
+                return [
+                    c
+                    for device_id in sorted(returned)
+                    for c in command_store.live_for_device(conn, device_id)
+                    if c.status == CommandStatus.SENT
+                ]
+
+        try:
+            again = await asyncio.to_thread(live)
+            if again:
+                await self._publish(again)
+                log.info("%d commands sent again to devices back online", len(again))
+        except Exception:
+            self._returned |= returned  # tried again at the next pass
+            raise
 
     async def _publish(self, claimed: list[Command]) -> list[Command]:
         """Publish concurrently; the confirmed ones. Raises PublishFailed when none was."""

@@ -363,3 +363,18 @@ def test_cli_sends_lists_shows_and_cancels(apps, api, device) -> None:
     assert refused.returncode == 1 and "only a pending" in refused.stderr
     assert cli("send", "no-such-device", "reboot").returncode == 1
     assert cli("send", device.device_id, "bad name").returncode == 1
+
+
+def test_a_device_that_was_away_gets_its_live_commands_when_it_comes_online(
+    apps, api, device
+) -> None:
+    """Sent while the device had no session at all (the broker kept no copy for it): it is
+    published again when the device shows it is back (its first heartbeat)."""
+    sent = send(api, device.device_id, ttl_s=300)
+    status_becomes(api, sent["id"], "sent")
+    with command_client(apps, device) as client:  # a clean session, subscribed
+        client.client.publish(f"devices/{device.device_id}/heartbeat", b"{}", qos=1)
+        got = client.next(timeout=15)
+        assert got["id"] == sent["id"]
+        client.reply(got["id"])
+        status_becomes(api, sent["id"], "succeeded")

@@ -15,10 +15,12 @@ from collections.abc import Awaitable, Callable
 
 from pydantic import ValidationError
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import command_store
 from gateway.broker import Acks
 from gateway.commands import CommandReply
+from gateway.db import short_error
 from gateway.errors import InputError, Reason
 from gateway.messages import Rejection, Source
 from worker.batcher import Message
@@ -53,38 +55,56 @@ class Replies:
         self.refused = 0
 
     async def flush(self, messages: list[Message], acks: Acks) -> None:
-        """Ack each message once its reply is stored or dead-lettered; requeue it otherwise
-        (the database or the broker away: it is tried again)."""
+        """Apply a batch of replies in one transaction (one by one if the database refuses
+        the batch); ack each message once its reply is stored or dead-lettered, requeue it
+        otherwise (the database or the broker away while stopping: it is tried again)."""
+        readable: list[tuple[Message, CommandReply]] = []
         for message in messages:
-            if await self._one(message):
-                acks.done(message)
-            else:
-                acks.requeue(message)
-
-    async def _one(self, message: Message) -> bool:
-        """True once the reply is stored or dead-lettered (the message may be acked)."""
+            try:
+                readable.append((message, CommandReply.decode(message.body)))
+            except (ValidationError, ValueError) as exc:
+                error = InputError(Reason.INVALID_MESSAGE, f"not a converted reply: {exc}"[:500])
+                rejection = Rejection.of(error, message.body, Source.WORK_QUEUE)
+                self._settle(acks, message, await self._dead_letter(rejection))
+        # In command order: two workers lock the same commands in the same order.
+        readable.sort(key=lambda pair: (pair[1].command_id.bytes, pair[1].received_at))
+        replies = [reply for _, reply in readable]
         try:
-            reply = CommandReply.decode(message.body)
-        except (ValidationError, ValueError) as exc:
-            error = InputError(Reason.INVALID_MESSAGE, f"not a converted reply: {exc}"[:500])
-            return await self._dead_letter(
-                Rejection.of(error, message.body[:65536], Source.WORK_QUEUE)
-            )
+            outcomes = await self._retry(lambda: self._write(replies))
+        except SQLAlchemyError as exc:
+            log.warning("replies refused as a batch (%s); one by one", short_error(exc))
+            outcomes = []
+            for reply in replies:
+                try:
+                    one = await self._retry(lambda r=reply: self._write([r]))
+                except SQLAlchemyError as refused:
+                    error = InputError(Reason.UNSTORABLE, short_error(refused))
+                    one = [command_store.ReplyApplied(error=error)]
+                outcomes.append(one[0] if one else None)
+        if outcomes is None:
+            for message, _ in readable:
+                acks.requeue(message)
+            return
+        for (message, reply), outcome in zip(readable, outcomes, strict=True):
+            if outcome is None:
+                acks.requeue(message)
+            elif outcome.error is not None:
+                self.refused += 1
+                self._settle(
+                    acks, message, await self._dead_letter(rejection_of(reply, outcome.error))
+                )
+            else:
+                self.applied += outcome.command is not None
+                acks.done(message)
+        log.debug("replies: %d applied, %d refused so far", self.applied, self.refused)
 
-        def write() -> command_store.ReplyApplied:
-            with self.engine.begin() as conn:
-                return command_store.apply_reply(conn, reply)
+    def _write(self, replies: list[CommandReply]) -> list[command_store.ReplyApplied]:
+        with self.engine.begin() as conn:
+            return [command_store.apply_reply(conn, reply) for reply in replies]
 
-        outcome = await self._retry(write)
-        if outcome is None:
-            return False  # stopping with the database away: redelivered later
-        assert isinstance(outcome, command_store.ReplyApplied)
-        if outcome.error is not None:
-            self.refused += 1
-            return await self._dead_letter(rejection_of(reply, outcome.error))
-        if outcome.command is not None:
-            self.applied += 1
-            log.info(
-                "command %s of %s: %s", reply.command_id, reply.device_id, outcome.command.status
-            )
-        return True
+    @staticmethod
+    def _settle(acks: Acks, message: Message, done: bool) -> None:
+        if done:
+            acks.done(message)
+        else:
+            acks.requeue(message)
