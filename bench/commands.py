@@ -98,6 +98,15 @@ def run(stack: LocalStack, args: argparse.Namespace) -> dict:
             with lock:
                 posted[r.json()["id"]] = started
 
+    # warm-up: every path has carried a command (connections, caches, the auth cache)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(post, range(len(devices))))
+    deadline = time.monotonic() + 30
+    while len(received) < len(posted) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(2)
+    posted.clear()
+
     # steady: commands at a fixed rate, heartbeats alongside
     beats: dict[str, float] = {}
     count = int(args.rate * args.seconds)

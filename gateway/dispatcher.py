@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -40,6 +41,7 @@ class Dispatcher:
         self.published = 0
         #: Devices that came online, whose live `sent` commands are published again.
         self._returned: set[str] = set()
+        self._next_sweep = 0.0
 
     def wake(self) -> None:
         """A command was stored: dispatch now rather than at the next period."""
@@ -57,7 +59,9 @@ class Dispatcher:
             try:
                 more = await self.dispatch_once()
                 await self.resend_returned()
-                await asyncio.to_thread(self._expire)
+                if time.monotonic() >= self._next_sweep:  # once a period, however busy
+                    self._next_sweep = time.monotonic() + self.period_s
+                    await asyncio.to_thread(self._expire)
                 delay = self.period_s
             except Exception as exc:  # never dies: a pass that fails is tried again
                 metrics.PUBLISH_FAILURES.labels("dispatcher").inc()
