@@ -281,11 +281,18 @@ def list_events(
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}},
 )
-async def stream_events(request: Request, ctx: Ctx) -> StreamingResponse:
+async def stream_events(
+    request: Request,
+    ctx: Ctx,
+    commands: Annotated[
+        bool, Query(description="also `event: command` for every command status change")
+    ] = False,
+) -> StreamingResponse:
     """`event: status` with the change as JSON (`device_id`, `from_status`, `to_status`, `at`,
     `reason`) for every change, a comment every 15 s to keep the connection open, and
-    `event: overflow` before closing a client that fell more than 1,000 changes behind."""
-    queue = ctx.stream.subscribe()
+    `event: overflow` before closing a client that fell more than 1,000 changes behind. With
+    `commands=true`, also `event: command` (`id`, `device_id`, `name`, `status`, `at`)."""
+    queue = ctx.stream.subscribe(commands=commands)
 
     async def events() -> AsyncIterator[str]:
         try:

@@ -43,6 +43,8 @@ class StatusStream:
         self._commands = commands
         self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._clients: set[asyncio.Queue] = set()
+        #: The clients that asked for command events too.
+        self._command_clients: set[asyncio.Queue] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -58,22 +60,27 @@ class StatusStream:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(None)
 
-    def subscribe(self) -> asyncio.Queue:
+    def subscribe(self, *, commands: bool = False) -> asyncio.Queue:
+        """A client's queue; with `commands`, it also gets `event: command` frames."""
         queue: asyncio.Queue = asyncio.Queue(CLIENT_QUEUE)
         self._clients.add(queue)
+        if commands:
+            self._command_clients.add(queue)
         return queue
 
     def unsubscribe(self, queue: asyncio.Queue) -> None:
         self._clients.discard(queue)
+        self._command_clients.discard(queue)
 
     def _publish(self, payload: str, event: str = "status") -> None:
         """Frame the event once, then hand the same frame to every client."""
         frame = f"id: {json.loads(payload)['id']}\nevent: {event}\ndata: {payload}\n\n"
-        for queue in list(self._clients):
+        clients = self._clients if event == "status" else self._command_clients
+        for queue in list(clients):
             try:
                 queue.put_nowait(frame)
             except asyncio.QueueFull:  # a slow client: tell it, drop it, never wait for it
-                self._clients.discard(queue)
+                self.unsubscribe(queue)
                 with contextlib.suppress(asyncio.QueueEmpty):
                     queue.get_nowait()
                 queue.put_nowait(OVERFLOW)

@@ -258,31 +258,41 @@ def test_interval_change_sends_set_heartbeat_interval(apps, api, device) -> None
 
 
 def test_status_changes_are_events_on_the_stream(apps, api, device) -> None:
-    events: list[dict] = []
-    ready = threading.Event()
+    """`?commands=true` adds `event: command` frames; a client that did not ask gets none."""
+    seen: dict[bool, list[tuple[str, dict]]] = {True: [], False: []}
+    ready = {True: threading.Event(), False: threading.Event()}
 
-    def listen() -> None:
+    def listen(commands: bool) -> None:
         with httpx.stream(
-            "GET", f"{apps.api_url}/api/v1/events/stream", headers=api.headers, timeout=20
+            "GET",
+            f"{apps.api_url}/api/v1/events/stream",
+            params={"commands": "true"} if commands else {},
+            headers=api.headers,
+            timeout=httpx.Timeout(20, read=5),
         ) as stream:
             event = None
-            for line in stream.iter_lines():
-                if line.startswith(": connected"):
-                    ready.set()
-                if line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: ") and event == "command":
-                    events.append(json.loads(line[6:]))
-                    if events[-1]["status"] == "sent":
-                        return
+            try:
+                for line in stream.iter_lines():
+                    if line.startswith(": connected"):
+                        ready[commands].set()
+                    if line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: "):
+                        seen[commands].append((event, json.loads(line[6:])))
+            except httpx.ReadTimeout:
+                return  # quiet for 5 s: done
 
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
-    assert ready.wait(10)
+    listeners = [threading.Thread(target=listen, args=(c,), daemon=True) for c in ready]
+    for listener in listeners:
+        listener.start()
+    assert all(r.wait(10) for r in ready.values())
     sent = send(api, device.device_id)
-    listener.join(20)
-    mine = [e["status"] for e in events if e["id"] == sent["id"]]
+    status_becomes(api, sent["id"], "sent")
+    for listener in listeners:
+        listener.join(30)
+    mine = [e["status"] for kind, e in seen[True] if kind == "command" and e["id"] == sent["id"]]
     assert mine == ["pending", "sent"]
+    assert all(kind == "status" for kind, _ in seen[False])
 
 
 def test_readme_commands_block_works_as_written(apps, api) -> None:
