@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 from typing import Annotated
 
 import anyio.from_thread
-import orjson
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel
@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from api.auth import Operator
 from api.command_hub import hand_over
 from api.context import Context, DevicePath, context
-from api.ingest import authenticate_device, device_bearer
+from api.ingest import authenticate_device, device_bearer, read_body
 from api.responses import errors
 from gateway import command_store, metrics
 from gateway.broker import PublishFailed
@@ -29,7 +29,7 @@ from gateway.commands import (
     CommandStatus,
     parse_reply,
 )
-from gateway.errors import InputError, Reason
+from gateway.errors import InputError, Reason, unforeseen
 from gateway.messages import Rejection, Source, utcnow
 from gateway.payload import MAX_PAYLOAD_BYTES, decode_json
 from gateway.queries import MAX_CURSOR, MAX_PAGE, Page
@@ -178,9 +178,10 @@ async def reply(
     the broker holds it; stored once however often it arrives. A reply to an unknown command,
     another device's, a cancelled or an expired one becomes a dead letter with that reason."""
     received_at = utcnow()
-    raw = await request.body()
+    raw = b""
     path = request.url.path
     try:
+        raw = await read_body(request.headers, request.stream())
         body = _with_id(raw, command_id)
         converted = parse_reply(device_id, body, Source.HTTP, received_at)
     except InputError as error:
@@ -205,7 +206,17 @@ async def reply(
 
 
 def _with_id(raw: bytes, command_id: uuid.UUID) -> bytes:
-    """The body with the path's command id (a body naming another is refused)."""
+    """The body with the path's command id (a body naming another is refused). Raises
+    `InputError` and nothing else."""
+    try:
+        return _body_with_id(raw, command_id)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise unforeseen(exc, "a command reply over http") from exc
+
+
+def _body_with_id(raw: bytes, command_id: uuid.UUID) -> bytes:
     if len(raw) > MAX_PAYLOAD_BYTES:
         return raw  # parse_reply says so
     document = decode_json(raw) if raw.strip() else {}
@@ -216,7 +227,7 @@ def _with_id(raw: bytes, command_id: uuid.UUID) -> bytes:
         raise InputError(
             Reason.INVALID_FIELD, f"id: {str(given)[:80]!r} is not the path's command id"
         )
-    return orjson.dumps(document)
+    return json.dumps(document).encode()
 
 
 async def _dead_letter(

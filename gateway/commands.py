@@ -69,7 +69,10 @@ REPLY_STATUSES = (CommandStatus.SUCCEEDED, CommandStatus.FAILED)
 def _bounded_object(value: dict[str, Any], what: str) -> dict[str, Any]:
     if _depth(value, MAX_DEPTH + 1) > MAX_DEPTH:
         raise ValueError(f"{what} is nested deeper than {MAX_DEPTH} levels")
-    size = len(orjson.dumps(value))
+    try:
+        size = len(orjson.dumps(value))
+    except orjson.JSONEncodeError as exc:  # e.g. an integer beyond 64 bits
+        raise ValueError(f"{what} cannot be stored: {exc}") from None
     if size > MAX_ARGS_BYTES:
         raise ValueError(f"{what} is {size} bytes encoded; the limit is {MAX_ARGS_BYTES}")
     return value

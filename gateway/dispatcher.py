@@ -25,6 +25,7 @@ from gateway.broker import Publisher, PublishFailed
 from gateway.commands import Command, CommandStatus
 from gateway.db import short_error
 from gateway.messages import utcnow
+from gateway.service import sleep_or_stop
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class Dispatcher:
                 else:
                     log.exception("commands not dispatched; retrying in %.1f s", delay)
                 more = False
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                await sleep_or_stop(stop, delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 10.0)
                 continue
             if more:

@@ -388,3 +388,31 @@ def test_a_device_that_was_away_gets_its_live_commands_when_it_comes_online(
         assert got["id"] == sent["id"]
         client.reply(got["id"])
         status_becomes(api, sent["id"], "succeeded")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason"),
+    [
+        (b"{not json", 415, "not_json"),
+        (b'{"status": "succeeded", "result": {"n": 1' + b"0" * 30 + b"}}", 422, "invalid_field"),
+        (b'{"status": "done"}', 422, "invalid_field"),
+        (b'{"id": "other", "status": "succeeded"}', 422, "invalid_field"),
+        (b"[" * 5000 + b"]" * 5000, 422, "too_deep"),
+        (b'{"status": "succeeded", "result": {"x": "' + b"a" * 20000 + b'"}}', 413, "too_large"),
+        (b"\xff\xfe", 415, "not_utf8"),
+    ],
+)
+def test_a_hostile_http_reply_is_refused_and_dead_lettered(
+    apps, api, device, body: bytes, status: int, reason: str | None
+) -> None:
+    sent = send(api, device.device_id)
+    answer = httpx.post(
+        f"{apps.api_url}/api/v1/devices/{device.device_id}/commands/{sent['id']}/reply",
+        content=body,
+        headers={**device.auth, "Content-Type": "application/json"},
+    )
+    assert answer.status_code == status, answer.text
+    letters = poll(lambda: dead_letters(api, device.device_id), what="the dead letter")
+    if reason is not None:
+        assert letters[0]["reason"] == reason
+    assert command(api, sent["id"])["status"] in ("pending", "sent")
