@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select, text, tuple_, update
 
+from gateway import metrics
 from gateway.commands import LIVE, Command, CommandReply, CommandRequest, CommandStatus, expiry
 from gateway.errors import InputError, Reason
 from gateway.messages import utcnow
@@ -40,6 +41,7 @@ def _command(row: Any) -> Command:
 
 def _notify(conn: Connection, rows: list[Command]) -> None:
     for c in rows:
+        metrics.COMMAND_CHANGES.labels(c.status.value).inc()
         payload = {
             "id": str(c.id),
             "device_id": c.device_id,

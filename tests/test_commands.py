@@ -120,6 +120,8 @@ def test_mqtt_device_receives_a_command_and_its_reply_is_stored_once(apps, api, 
         time.sleep(1)  # the repeats are applied by now (the queue is FIFO): nothing changed
         assert command(api, sent["id"]) == done
         assert not [d for d in dead_letters(api, device.device_id) if "reply" in d["detail"]]
+    worker_metrics = httpx.get(f"http://127.0.0.1:{apps.ports.worker_health}/metrics").text
+    assert 'gateway_command_changes_total{status="succeeded"}' in worker_metrics
 
 
 def test_http_device_gets_commands_in_its_heartbeat_answer_and_replies(apps, api, device):
