@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, func, select, text, tuple_, update
+from sqlalchemy import Connection, func, or_, select, text, tuple_, update
+from sqlalchemy.sql import ColumnElement
 
 from gateway import metrics
 from gateway.commands import LIVE, Command, CommandReply, CommandRequest, CommandStatus, expiry
@@ -29,6 +30,8 @@ CHANNEL = "gateway_commands"
 LIVE_VALUES = [s.value for s in LIVE]
 #: Live commands a device is handed at once (the oldest first).
 MAX_HANDED = 20
+#: How long a dispatcher's claim on the commands it publishes lasts.
+CLAIM_LEASE_S = 10.0
 
 
 class UnknownDevice(LookupError):
@@ -115,11 +118,17 @@ def list_for_device(
 
 
 def cancel(conn: Connection, command_id: uuid.UUID, now: datetime | None = None) -> Command | None:
-    """Cancel a command still `pending`; None when it is not (or no longer) pending."""
+    """Cancel a command still `pending` and not being published (claimed by a dispatcher);
+    None otherwise."""
+    now = now or utcnow()
     row = conn.execute(
         update(commands)
-        .where(commands.c.id == command_id, commands.c.status == CommandStatus.PENDING.value)
-        .values(status=CommandStatus.CANCELLED.value, finished_at=now or utcnow())
+        .where(
+            commands.c.id == command_id,
+            commands.c.status == CommandStatus.PENDING.value,
+            _unclaimed(now),
+        )
+        .values(status=CommandStatus.CANCELLED.value, finished_at=now)
         .returning(*commands.c)
     ).first()
     if row is None:
@@ -129,20 +138,47 @@ def cancel(conn: Connection, command_id: uuid.UUID, now: datetime | None = None)
     return command
 
 
-def claim_pending(conn: Connection, limit: int, now: datetime | None = None) -> list[Command]:
-    """Pending, live commands, the oldest first, row-locked until the transaction ends (other
-    dispatchers skip them): publish them, then `mark_sent` in the same transaction."""
-    rows = conn.execute(
-        select(commands)
+def _unclaimed(now: datetime) -> ColumnElement[bool]:
+    return or_(commands.c.claimed_until.is_(None), commands.c.claimed_until <= now)
+
+
+def claim_pending(
+    conn: Connection, limit: int, *, lease_s: float = CLAIM_LEASE_S, now: datetime | None = None
+) -> list[Command]:
+    """Pending, live commands nobody is publishing, the oldest first, claimed for `lease_s`:
+    other dispatchers leave them alone until the lease ends (a dispatcher that died holding it
+    leaves them to the next one then). Commit at once: no row stays locked while they are
+    published, so a reply that arrives before `mark_sent` never waits for it."""
+    now = now or utcnow()
+    free = (
+        select(commands.c.id)
         .where(
             commands.c.status == CommandStatus.PENDING.value,
-            commands.c.expires_at > (now or utcnow()),
+            commands.c.expires_at > now,
+            _unclaimed(now),
         )
         .order_by(commands.c.created_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    rows = conn.execute(
+        update(commands)
+        .where(commands.c.id.in_(free))
+        .values(claimed_until=now + timedelta(seconds=lease_s))
+        .returning(*commands.c)
     ).all()
-    return [_command(r) for r in rows]
+    return sorted((_command(r) for r in rows), key=lambda c: c.created_at)
+
+
+def release(conn: Connection, ids: list[uuid.UUID]) -> None:
+    """End the claim on commands the broker did not confirm: the next pass takes them."""
+    if ids:
+        conn.execute(
+            update(commands)
+            .where(commands.c.id.in_(ids), commands.c.status == CommandStatus.PENDING.value)
+            .values(claimed_until=None)
+        )
 
 
 def mark_sent(

@@ -1,11 +1,12 @@
 """The command dispatcher: pending commands to the broker, and the expiry sweep.
 
-Each pass takes the oldest pending commands row-locked (`FOR UPDATE SKIP LOCKED`: several api
-processes never take the same one), publishes each to `devices/<id>/commands` with the
-broker's own expiry set to what is left of its time to live, and marks it `sent` only after the
-broker confirmed it, in the transaction that holds the lock. A process killed in between leaves
-the command `pending` (the lock goes with its connection), and the next pass publishes it again:
-at least once, and the device drops the repeat by id. The sweep moves live commands past
+Each pass claims the oldest pending commands for a short lease (`claimed_until`, taken with
+`FOR UPDATE SKIP LOCKED` and committed at once: several api processes never take the same one,
+and no row stays locked while it is published), publishes each to `devices/<id>/commands` with
+the broker's own expiry set to what is left of its time to live, and marks it `sent` only after
+the broker confirmed it. A process killed in between leaves the command `pending`; once the
+lease ends the next pass publishes it again: at least once, and the device drops the repeat by
+id. The sweep moves live commands past
 `expires_at` to `expired`.
 """
 
@@ -17,7 +18,7 @@ import logging
 import random
 import time
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import command_store, metrics
@@ -93,19 +94,36 @@ class Dispatcher:
     async def dispatch_once(self) -> bool:
         """Publish one batch of pending commands; True when there may be more."""
         self._wake.clear()
-        conn = await asyncio.to_thread(self.engine.connect)
+        claimed = await asyncio.to_thread(self._claim)
+        if not claimed:
+            return False
         try:
-            await asyncio.to_thread(conn.begin)
-            claimed = await asyncio.to_thread(command_store.claim_pending, conn, BATCH)
-            if not claimed:
-                await asyncio.to_thread(conn.rollback)
-                return False
             confirmed = await self._publish(claimed)
-            await asyncio.to_thread(self._mark_sent, conn, confirmed)
-        finally:
-            await asyncio.to_thread(conn.close)  # rolls back whatever was not committed
+        except Exception:
+            await asyncio.to_thread(self._release, [c.id for c in claimed])
+            raise
+        done = {c.id for c in confirmed}
+        await asyncio.to_thread(
+            self._mark_sent, list(done), [c.id for c in claimed if c.id not in done]
+        )
         self.published += len(confirmed)
         return len(claimed) == BATCH
+
+    def _claim(self) -> list[Command]:
+        with self.engine.begin() as conn:
+            return command_store.claim_pending(conn, BATCH)
+
+    def _release(self, ids: list) -> None:
+        try:
+            with self.engine.begin() as conn:
+                command_store.release(conn, ids)
+        except SQLAlchemyError as exc:  # the lease ends by itself
+            log.warning("claims not released (%s); they lapse", short_error(exc))
+
+    def _mark_sent(self, confirmed: list, unconfirmed: list) -> None:
+        with self.engine.begin() as conn:
+            command_store.mark_sent(conn, confirmed, "mqtt")
+            command_store.release(conn, unconfirmed)
 
     async def resend_returned(self) -> None:
         """Publish again the live `sent` commands of the devices that came online."""
@@ -152,11 +170,6 @@ class Dispatcher:
             if not confirmed:
                 raise failures[0]
         return confirmed
-
-    @staticmethod
-    def _mark_sent(conn: Connection, confirmed: list[Command]) -> None:
-        command_store.mark_sent(conn, [c.id for c in confirmed], "mqtt")
-        conn.commit()
 
     def _expire(self) -> None:
         with self.engine.begin() as conn:

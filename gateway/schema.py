@@ -139,6 +139,8 @@ commands = Table(
     Column("sent_via", Text),
     Column("finished_at", DateTime(timezone=True)),
     Column("result", JSONB),
+    #: Until when a dispatcher publishing the command keeps others off it.
+    Column("claimed_until", DateTime(timezone=True)),
     Index("ix_commands_device_created", "device_id", "created_at", "id"),
     Index(
         "ix_commands_live_device",

@@ -32,6 +32,7 @@ def upgrade() -> None:
         sa.Column("sent_via", sa.Text),
         sa.Column("finished_at", TS),
         sa.Column("result", JSONB),
+        sa.Column("claimed_until", TS),
     )
     op.create_index("ix_commands_device_created", "commands", ["device_id", "created_at", "id"])
     op.create_index(
