@@ -109,9 +109,10 @@ def cancel_command(command_id: uuid.UUID, ctx: Ctx) -> Command:
         if cancelled is not None:
             return cancelled
         command = _found(command_store.get(conn, command_id), command_id)
+    why = "being sent" if command.status == CommandStatus.PENDING else command.status
     raise HTTPException(
         status.HTTP_409_CONFLICT,
-        f"command {command_id} is {command.status}: only a pending command can be cancelled",
+        f"command {command_id} is {why}: only a pending command can be cancelled",
     )
 
 

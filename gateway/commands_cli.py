@@ -67,8 +67,10 @@ def run_commands(args: argparse.Namespace) -> int:
                     print(f"gateway: no command {args.command_id}", file=sys.stderr)
                     return 1
                 if cancelled is None:
+                    pending = command.status == CommandStatus.PENDING
+                    why = "being sent" if pending else command.status
                     print(
-                        f"gateway: command {command.id} is {command.status}: only a pending "
+                        f"gateway: command {command.id} is {why}: only a pending "
                         "command can be cancelled",
                         file=sys.stderr,
                     )
