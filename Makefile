@@ -33,6 +33,7 @@ bench: install  ## Benchmarks on a stack of their own (loopback only); results i
 	$(BIN)/gateway stack install
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/auth_connect.py
+	$(BIN)/python bench/commands.py
 
 bench-history: install  ## Operator reads at 1 million and 50 million heartbeats (about 12 minutes, 15 GB)
 	$(BIN)/gateway stack install

@@ -1,5 +1,6 @@
 """The api process's app: wiring only. Routes live by concern (`health`, `ingest`, `operators`,
-`broker_auth`), error answers in `errors`, the connections in `context`."""
+`commands`, `broker_auth`), error answers in `errors`, the connections (and the command
+dispatcher) in `context`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 import gateway
-from api import broker_auth, errors, health, ingest, operators
+from api import broker_auth, commands, errors, health, ingest, operators
 from api.context import open_context
 from api.middleware import RequestId
 from gateway.runtime import logs
@@ -50,6 +51,13 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app, settings.api_statement_timeout_ms)
-    for routes in (ingest, operators, broker_auth, health):
-        app.include_router(routes.router)
+    for router in (
+        ingest.router,
+        operators.router,
+        commands.operators,
+        commands.devices,
+        broker_auth.router,
+        health.router,
+    ):
+        app.include_router(router)
     return app

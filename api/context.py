@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,8 @@ from pydantic import AfterValidator
 from pydantic_core import PydanticCustomError
 from sqlalchemy import Engine
 
+from api.command_hub import CommandHub
+from api.dispatcher import Dispatcher
 from api.stream import StatusStream
 from api.tokens import TokenCache
 from gateway.amqp.connection import connect
@@ -43,6 +46,8 @@ class Context:
     redis_breaker: Breaker = field(default_factory=Breaker)
     #: Device tokens already checked (evicted on any credential change).
     tokens: TokenCache = field(default_factory=TokenCache)
+    #: Devices with live commands, long-polls waiting, the dispatcher (`api.command_hub`).
+    commands: CommandHub = field(default_factory=CommandHub)
 
 
 @asynccontextmanager
@@ -68,11 +73,15 @@ async def open_context(settings: ApiSettings) -> AsyncIterator[Context]:
     try:
         publisher = await Publisher.open(connection, timeout=settings.api_confirm_timeout_s)
         tokens = TokenCache()
-        stream = StatusStream(engine.url, tokens)
+        hub = CommandHub()
+        hub.dispatcher = Dispatcher(engine, publisher)
+        stream = StatusStream(engine.url, tokens, hub)
         stream.start()
         forwarder = Forwarder(
             publisher, size=settings.api_batch_size, linger_s=settings.api_linger_ms / 1000
         )
+        stopping = asyncio.Event()
+        dispatching = asyncio.create_task(hub.dispatcher.run(stopping), name="commands:dispatcher")
         try:
             yield Context(
                 settings,
@@ -84,8 +93,11 @@ async def open_context(settings: ApiSettings) -> AsyncIterator[Context]:
                 reads,
                 forwarder,
                 tokens=tokens,
+                commands=hub,
             )
         finally:
+            stopping.set()
+            await dispatching
             stream.stop()
     finally:
         await connection.close()

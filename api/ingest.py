@@ -17,9 +17,11 @@ from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.command_hub import commands_for_heartbeat
 from api.context import Context, DevicePath, context
 from api.responses import errors, unauthorized
 from gateway.amqp.publisher import PublishFailed
+from gateway.contract.commands import CommandMessage
 from gateway.contract.conversion import heartbeat_from
 from gateway.contract.credentials import token_hash
 from gateway.contract.messages import Rejection, Source, utcnow
@@ -47,6 +49,8 @@ device_bearer = HTTPBearer(auto_error=False, description="The device's token")
 class Accepted(BaseModel):
     #: The heartbeat's id; the same id for a retry with the same msg_id.
     id: str
+    #: The device's live commands, the oldest first (`README`, "Commands to devices").
+    commands: list[CommandMessage] = []
 
 
 async def read_body(
@@ -137,7 +141,7 @@ async def accept(
         error = unforeseen(exc, "a heartbeat over http to forward")
         raise await _refuse(ctx, error, raw, device_id, path) from None
     RECEIVED_HTTP.inc()
-    return Accepted(id=str(heartbeat.id))
+    return Accepted(id=str(heartbeat.id), commands=await commands_for_heartbeat(ctx, device_id))
 
 
 async def _refuse(
@@ -200,7 +204,9 @@ class FastIngest:
             response.headers["x-request-id"] = rid
             await response(scope, receive, send)
             return
-        body = orjson.dumps({"id": accepted.id})
+        body = orjson.dumps(
+            {"id": accepted.id, "commands": [c.model_dump(mode="json") for c in accepted.commands]}
+        )
         await send(
             {
                 "type": "http.response.start",

@@ -20,11 +20,12 @@ from api.context import Context, DevicePath, Since, Until, context
 from api.responses import errors
 from api.stream import OVERFLOW
 from gateway.amqp import sessions
+from gateway.contract.commands import set_heartbeat_interval
 from gateway.contract.credentials import token_hash
 from gateway.contract.messages import DeviceStatus, utcnow
 from gateway.contract.payload import METRIC_NAME_PATTERN
 from gateway.contract.reasons import Reason
-from gateway.storage import mirror, quality, reads, registry, views
+from gateway.storage import command_store, mirror, quality, reads, registry, views
 from gateway.storage.liveness import StatusEvent
 from gateway.storage.reads import MAX_CURSOR, MAX_PAGE
 from gateway.storage.views import DeviceView, Fleet, HeartbeatRecord, Page, RejectedRecord
@@ -100,6 +101,8 @@ def change_device(device_id: DevicePath, changes: registry.DeviceChanges, ctx: C
         device = registry.change(
             conn, device_id, changes, offline_factor=ctx.settings.offline_factor
         )
+        if changes.heartbeat_interval_s is not None:  # the device is told, in the same commit
+            command_store.create(conn, device_id, set_heartbeat_interval(device))
     _tokens_changed(ctx, device_id)
     if changes.enabled is False:
         sessions.close_sessions(ctx.settings.broker_management_url, device_id)
@@ -272,11 +275,18 @@ def list_events(
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}},
 )
-async def stream_events(request: Request, ctx: Ctx) -> StreamingResponse:
+async def stream_events(
+    request: Request,
+    ctx: Ctx,
+    commands: Annotated[
+        bool, Query(description="also `event: command` for every command status change")
+    ] = False,
+) -> StreamingResponse:
     """`event: status` with the change as JSON (`device_id`, `from_status`, `to_status`, `at`,
     `reason`) for every change, a comment every 15 s to keep the connection open, and
-    `event: overflow` before closing a client that fell more than 1,000 changes behind."""
-    queue = ctx.stream.subscribe()
+    `event: overflow` before closing a client that fell more than 1,000 changes behind. With
+    `commands=true`, also `event: command` (`id`, `device_id`, `name`, `status`, `at`)."""
+    queue = ctx.stream.subscribe(commands=commands)
 
     async def events() -> AsyncIterator[str]:
         try:

@@ -20,9 +20,10 @@ import psycopg2
 import psycopg2.extensions
 from sqlalchemy.engine import URL
 
+from api.command_hub import CommandHub
 from api.tokens import TokenCache
 from gateway.runtime.retry import Backoff
-from gateway.storage import liveness, registry
+from gateway.storage import command_store, liveness, registry
 
 log = logging.getLogger(__name__)
 Connection = psycopg2.extensions.connection
@@ -36,10 +37,15 @@ class StatusStream:
     """Also delivers credential changes to `tokens` (the api's token cache), which it keeps
     active exactly while it is listening."""
 
-    def __init__(self, url: URL, tokens: TokenCache | None = None) -> None:
+    def __init__(
+        self, url: URL, tokens: TokenCache | None = None, commands: CommandHub | None = None
+    ) -> None:
         self._tokens = tokens
+        self._commands = commands
         self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._clients: set[asyncio.Queue] = set()
+        #: The clients that asked for command events too.
+        self._command_clients: set[asyncio.Queue] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -55,22 +61,27 @@ class StatusStream:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(None)
 
-    def subscribe(self) -> asyncio.Queue:
+    def subscribe(self, *, commands: bool = False) -> asyncio.Queue:
+        """A client's queue; with `commands`, it also gets `event: command` frames."""
         queue: asyncio.Queue = asyncio.Queue(CLIENT_QUEUE)
         self._clients.add(queue)
+        if commands:
+            self._command_clients.add(queue)
         return queue
 
     def unsubscribe(self, queue: asyncio.Queue) -> None:
         self._clients.discard(queue)
+        self._command_clients.discard(queue)
 
-    def _publish(self, payload: str) -> None:
+    def _publish(self, payload: str, event: str = "status") -> None:
         """Frame the event once, then hand the same frame to every client."""
-        frame = f"id: {json.loads(payload)['id']}\nevent: status\ndata: {payload}\n\n"
-        for queue in list(self._clients):
+        frame = f"id: {json.loads(payload)['id']}\nevent: {event}\ndata: {payload}\n\n"
+        clients = self._clients if event == "status" else self._command_clients
+        for queue in list(clients):
             try:
                 queue.put_nowait(frame)
             except asyncio.QueueFull:  # a slow client: tell it, drop it, never wait for it
-                self._clients.discard(queue)
+                self.unsubscribe(queue)
                 with contextlib.suppress(asyncio.QueueEmpty):
                     queue.get_nowait()
                 queue.put_nowait(OVERFLOW)
@@ -83,8 +94,14 @@ class StatusStream:
                 with conn.cursor() as cursor:
                     digest = registry.token_hash_of(cursor, note.payload)
                 self._on_loop(self._tokens.changed, note.payload, digest)
+        elif note.channel == command_store.CHANNEL:
+            self._on_loop(self._publish, note.payload, "command")
+            if self._commands is not None:
+                self._on_loop(self._commands.changed, note.payload)
         else:
             self._on_loop(self._publish, note.payload)
+            if self._commands is not None:
+                self._on_loop(self._commands.status_changed, note.payload)
 
     def _activate_tokens(self, conn: Connection) -> None:
         """Listening: from now on every credential change reaches the token cache, so it may
@@ -97,6 +114,19 @@ class StatusStream:
     def _deactivate_tokens(self) -> None:
         if self._tokens is not None:
             self._on_loop(self._tokens.deactivate)
+        if self._commands is not None:
+            self._on_loop(self._commands.deactivate)
+
+    def _activate_commands(self, conn: Connection) -> None:
+        """Listening: from now on every command change reaches the hub."""
+        if self._commands is not None:
+            with conn.cursor() as cursor:
+                cursor.execute(
+                    "SELECT DISTINCT device_id FROM commands"
+                    " WHERE status IN ('pending', 'sent') AND expires_at > now()"
+                )
+                live = {row[0] for row in cursor.fetchall()}
+            self._on_loop(self._commands.activate, live)
 
     def _on_loop(self, callback: Callable[..., None], *args: object) -> None:
         """Run `callback` on the api's event loop; nothing once that loop has closed (the
@@ -118,8 +148,10 @@ class StatusStream:
                 conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
                 conn.cursor().execute(f"LISTEN {liveness.CHANNEL}")
                 conn.cursor().execute(f"LISTEN {registry.CREDENTIALS_CHANNEL}")
+                conn.cursor().execute(f"LISTEN {command_store.CHANNEL}")
                 backoff.reset()
                 self._activate_tokens(conn)
+                self._activate_commands(conn)
                 while not self._stop.is_set():
                     if select.select([conn], [], [], 1.0)[0]:
                         conn.poll()

@@ -12,7 +12,7 @@ from gateway.amqp import topology
 from gateway.amqp.acks import Acks
 from gateway.amqp.connection import broker_ready, connect
 from gateway.amqp.publisher import Forwarder, Publisher, PublishFailed
-from gateway.contract.conversion import Forward, Ignore, Outcome, Reject, convert
+from gateway.contract.conversion import Forward, ForwardReply, Ignore, Outcome, Reject, convert
 from gateway.contract.messages import Rejection, Source
 from gateway.contract.reasons import unforeseen
 from gateway.contract.topics import mqtt_topic
@@ -84,6 +84,8 @@ class Bridge:
                 self._forwarded += 1
                 return
         match outcome:
+            case ForwardReply(reply):
+                await self._publisher.publish_reply(reply)
             case Reject(rejection):
                 await self._publisher.publish_rejection(rejection)
                 metrics.REJECTED.labels(Source.MQTT.value, rejection.reason.value).inc()

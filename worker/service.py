@@ -39,6 +39,7 @@ from gateway.runtime.settings import WorkerSettings
 from gateway.storage import mirror, partitions, retention, writes
 from gateway.storage.engine import check_storage, is_transient, make_engine, short_error
 from worker.batcher import Batcher, Message
+from worker.replies import Replies
 from worker.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
@@ -388,10 +389,15 @@ class Worker:
                 self.flush_work, size=s.worker_batch_size, linger_s=s.worker_linger_ms / 1000
             )
             dead = Batcher(self.flush_rejected, size=s.worker_batch_size, linger_s=0.2)
+            replies = Replies(self.engine, self._dead_letter, self._retry_transient)
+            answered = Batcher(
+                functools.partial(replies.flush, acks=self.acks), size=100, linger_s=0
+            )
             consumers = []
             for queue_name, batcher, prefetch in (
                 (topology.WORK_QUEUE, work, s.worker_prefetch),
                 (topology.REJECTED_QUEUE, dead, max(s.worker_batch_size, 100)),
+                (topology.REPLIES_QUEUE, answered, 100),
             ):
                 channel = await self._connection.channel()
                 await channel.set_qos(prefetch_count=prefetch)
@@ -405,13 +411,17 @@ class Worker:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(work.run(self._stopping), name="batches:heartbeats")
                 tasks.create_task(dead.run(self._stopping), name="batches:rejected")
+                tasks.create_task(answered.run(self._stopping), name="batches:replies")
                 tasks.create_task(self._keep_mirror(self._stopping), name="redis:mirror")
                 tasks.create_task(self._watch_queues(self._stopping), name="queues:depth")
                 tasks.create_task(sweeper.run(self._stopping), name="sweeper")
                 tasks.create_task(self._maintain(self._stopping), name="partitions")
                 tasks.create_task(self._summarize(self._stopping), name="summary")
                 await stop.wait()
-                log.info("stopping: no new messages; flushing %d", work.pending + dead.pending)
+                log.info(
+                    "stopping: no new messages; flushing %d",
+                    work.pending + dead.pending + answered.pending,
+                )
                 for queue, tag in consumers:
                     await queue.cancel(tag)
                 self._stopping.set()

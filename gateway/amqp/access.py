@@ -6,7 +6,7 @@ an AMQP login names none, and is refused). That one rule means no device can tak
 device's session: MQTT lets a new connection with a client id in use close the old one, and
 only the device itself may use its id.
 
-Once in, a device may write `devices.<its id>.heartbeat` and `devices.<its id>.status` on
+Once in, a device may write `devices.<its id>.heartbeat`, `.status` and `.replies` on
 `amq.topic` (MQTT topics `devices/<id>/...`), read `devices.<its id>.commands`, and use only
 its own subscription queue. Everything else is denied.
 """
@@ -18,7 +18,7 @@ from gateway.contract.topics import TopicKind
 
 MQTT_VHOST = "/"
 #: What a device may publish to and subscribe to, under `devices/<its id>/`.
-DEVICE_PUBLISHES = frozenset({TopicKind.HEARTBEAT, TopicKind.STATUS})
+DEVICE_PUBLISHES = frozenset({TopicKind.HEARTBEAT, TopicKind.STATUS, TopicKind.REPLIES})
 DEVICE_READS = frozenset({TopicKind.COMMANDS})
 
 

@@ -12,6 +12,7 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pamqp.commands import Basic
 
 from gateway.amqp import topology
+from gateway.contract.commands import CommandMessage, CommandReply
 from gateway.contract.messages import (
     CONTENT_TYPE,
     Heartbeat,
@@ -20,6 +21,7 @@ from gateway.contract.messages import (
     WorkBatch,
     encode_work,
 )
+from gateway.contract.topics import Topic, TopicKind
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ class Publisher:
         self._timeout = timeout
         self._work: aio_pika.abc.AbstractExchange | None = None
         self._rejected: aio_pika.abc.AbstractExchange | None = None
+        self._replies: aio_pika.abc.AbstractExchange | None = None
+        self._devices: aio_pika.abc.AbstractExchange | None = None
 
     @classmethod
     async def open(
@@ -53,6 +57,8 @@ class Publisher:
         publisher = cls(channel, timeout=timeout)
         publisher._work = await channel.get_exchange(topology.WORK_EXCHANGE, ensure=False)
         publisher._rejected = await channel.get_exchange(topology.REJECTED_EXCHANGE, ensure=False)
+        publisher._replies = await channel.get_exchange(topology.REPLIES_EXCHANGE, ensure=False)
+        publisher._devices = await channel.get_exchange(topology.MQTT_EXCHANGE, ensure=False)
         return publisher
 
     async def publish_work(
@@ -85,6 +91,38 @@ class Publisher:
                 type="rejected",
             ),
             rejection.reason.value,
+        )
+
+    async def publish_reply(self, reply: CommandReply) -> None:
+        """A device's reply to a command, converted, for the worker to apply."""
+        await self._publish(
+            self._replies,
+            aio_pika.Message(
+                reply.encode(),
+                content_type=CONTENT_TYPE,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=str(reply.id),
+                type="reply",
+            ),
+            "",
+        )
+
+    async def publish_command(
+        self, device_id: str, command: CommandMessage, expiration_ms: int
+    ) -> None:
+        """A command onto `devices/<id>/commands` (MQTT QoS 1), which the broker drops once
+        `expiration_ms` have passed: never delivered after it expired."""
+        await self._publish(
+            self._devices,
+            aio_pika.Message(
+                command.encode(),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=str(command.id),
+                expiration=max(expiration_ms, 1) / 1000,
+                headers={"x-mqtt-publish-qos": 1},
+            ),
+            Topic(device_id, TopicKind.COMMANDS).routing_key,
         )
 
     async def _publish(

@@ -23,6 +23,11 @@ MQTT_INBOX_BINDING = "devices.#"
 WORK_EXCHANGE = "gateway.heartbeats"
 WORK_QUEUE = "gateway.heartbeats"
 
+#: Devices' replies to commands, converted (by the bridge from MQTT, by the api from HTTP);
+#: the worker applies them.
+REPLIES_EXCHANGE = "gateway.replies"
+REPLIES_QUEUE = "gateway.replies"
+
 #: Dead letters: input that could not become a canonical message, with the reason.
 REJECTED_EXCHANGE = "gateway.rejected"
 REJECTED_QUEUE = "gateway.rejected"
@@ -50,16 +55,19 @@ class Binding:
 EXCHANGES = (
     Exchange(WORK_EXCHANGE, "topic"),
     Exchange(REJECTED_EXCHANGE, "fanout"),
+    Exchange(REPLIES_EXCHANGE, "fanout"),
 )
 QUEUES = (
     Queue(MQTT_INBOX_QUEUE),
     Queue(WORK_QUEUE),
     Queue(REJECTED_QUEUE),
+    Queue(REPLIES_QUEUE),
 )
 BINDINGS = (
     Binding(MQTT_EXCHANGE, MQTT_INBOX_QUEUE, MQTT_INBOX_BINDING),
     Binding(WORK_EXCHANGE, WORK_QUEUE, "#"),
     Binding(REJECTED_EXCHANGE, REJECTED_QUEUE, ""),
+    Binding(REPLIES_EXCHANGE, REPLIES_QUEUE, ""),
 )
 
 

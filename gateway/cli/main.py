@@ -9,9 +9,9 @@ import argparse
 import sys
 
 from gateway import __version__
-from gateway.cli import broker, database, devices, rejected, simulate, stack
+from gateway.cli import broker, commands, database, devices, rejected, simulate, stack
 
-GROUPS = (stack, devices, rejected, simulate, database, broker)
+GROUPS = (stack, devices, commands, rejected, simulate, database, broker)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from gateway.contract.commands import CommandReply, parse_reply
 from gateway.contract.messages import Heartbeat, Rejection, Source, StatusReport, utcnow
 from gateway.contract.payload import parse_payload
 from gateway.contract.reasons import InputError, unforeseen
@@ -28,13 +29,20 @@ class Reject:
 
 
 @dataclass(frozen=True)
+class ForwardReply:
+    """A device's reply to a command, for the worker (on `gateway.replies`)."""
+
+    reply: CommandReply
+
+
+@dataclass(frozen=True)
 class Ignore:
     """Traffic that is not device input, such as the gateway's own commands to devices."""
 
     why: str
 
 
-Outcome = Forward | Reject | Ignore
+Outcome = Forward | ForwardReply | Reject | Ignore
 
 
 def convert(routing_key: str, body: bytes, received_at: datetime | None = None) -> Outcome:
@@ -51,6 +59,8 @@ def convert(routing_key: str, body: bytes, received_at: datetime | None = None) 
                 )
             case TopicKind.STATUS:
                 return Forward(StatusReport.from_payload(device_id, body, Source.MQTT, received_at))
+            case TopicKind.REPLIES:
+                return ForwardReply(parse_reply(device_id, body, Source.MQTT, received_at))
             case TopicKind.COMMANDS:
                 return Ignore(f"commands for {device_id} go to the device, not to the gateway")
         raise AssertionError(f"unhandled topic kind {topic.kind!r}")

@@ -26,6 +26,11 @@ class Reason(StrEnum):
     UNSTORABLE = "unstorable"
     #: Sent before its device was disabled, stored after: never stored as the device's.
     DEVICE_DISABLED = "device_disabled"
+    #: A command reply naming no command, another device's, or one no longer live.
+    UNKNOWN_COMMAND = "unknown_command"
+    FOREIGN_COMMAND = "foreign_command"
+    COMMAND_EXPIRED = "command_expired"
+    COMMAND_CANCELLED = "command_cancelled"
     #: Not a message: one entry per device and hour, counting the dead letters over the cap.
     OVER_CAP = "over_cap"
     #: Conversion failed in a way nobody foresaw (a bug to fix); the detail names the exception.

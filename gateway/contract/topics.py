@@ -1,4 +1,4 @@
-"""Topic grammar: `devices/{device_id}/{heartbeat|status|commands}`.
+"""Topic grammar: `devices/{device_id}/{heartbeat|status|commands|replies}`.
 
 RabbitMQ's MQTT plugin publishes to `amq.topic` with `/` mapped to `.` (and `.` to `/`), so the
 bridge sees routing keys such as `devices.sensor-1.heartbeat`; both spellings parse here.
@@ -28,6 +28,7 @@ class TopicKind(StrEnum):
     HEARTBEAT = "heartbeat"
     STATUS = "status"
     COMMANDS = "commands"
+    REPLIES = "replies"
 
 
 @dataclass(frozen=True)

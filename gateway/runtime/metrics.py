@@ -126,3 +126,8 @@ SESSION_CLOSE_FAILURES = Counter(
     "gateway_session_close_failures_total",
     "Devices disabled or rotated whose open broker connections could not be closed",
 )
+COMMAND_CHANGES = Counter(
+    "gateway_command_changes_total",
+    "Commands moved to a status (counted as the change is written, before its commit)",
+    ["status"],
+)

@@ -124,3 +124,36 @@ device_events = Table(
     #: Retention deletes the oldest by this index.
     Index("ix_device_events_at", "at"),
 )
+
+#: Commands to devices and their lifecycle (`gateway.contract.commands`): pending, sent, then the
+#: device's reply (succeeded, failed), expired or cancelled.
+commands = Table(
+    "commands",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("device_id", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("args", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("status", Text, nullable=False, server_default=text("'pending'")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("sent_at", DateTime(timezone=True)),
+    Column("sent_via", Text),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("result", JSONB),
+    #: Until when a dispatcher publishing the command keeps others off it.
+    Column("claimed_until", DateTime(timezone=True)),
+    Index("ix_commands_device_created", "device_id", "created_at", "id"),
+    Index(
+        "ix_commands_live_device",
+        "device_id",
+        "created_at",
+        postgresql_where=text("status IN ('pending', 'sent')"),
+    ),
+    Index(
+        "ix_commands_live_expiry",
+        "expires_at",
+        postgresql_where=text("status IN ('pending', 'sent')"),
+    ),
+    Index("ix_commands_pending", "created_at", postgresql_where=text("status = 'pending'")),
+)

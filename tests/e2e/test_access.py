@@ -202,8 +202,22 @@ def test_a_device_cannot_publish_as_another(apps, api, register) -> None:
     assert [h["msg_id"] for h in beat_and_wait(apps, api, b, 1)] == ["marker-1"]
 
 
+@pytest.mark.parametrize("kind", ["replies", "status"])
+def test_a_device_replies_only_for_itself(apps, api, register, kind: str) -> None:
+    """Its own replies topic is open to it; another device's is not (the broker closes the
+    connection: MQTT 3.1.1 has no refusal for a publish)."""
+    a, b = register("a"), register("b")
+    session = connect(apps, a)
+    try:
+        assert session.publish(f"devices/{a.device_id}/{kind}", b"online")
+        assert not session.publish(f"devices/{b.device_id}/{kind}", b"online")
+    finally:
+        session.close()
+
+
 @pytest.mark.parametrize(
-    "topic", ["devices/{other}/commands", "devices/#", "devices/+/heartbeat", "#"]
+    "topic",
+    ["devices/{other}/commands", "devices/{other}/replies", "devices/+/commands", "devices/#", "#"],
 )
 def test_a_device_cannot_subscribe_beyond_its_commands(apps, register, topic: str) -> None:
     a, b = register("a"), register("b")

@@ -187,7 +187,7 @@ def run_maintain(stack, **settings: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "GATEWAY_DATABASE_URL": stack.database_url}
     env.update({f"GATEWAY_{name.upper()}": value for name, value in settings.items()})
     done = subprocess.run(
-        [sys.executable, "-m", "gateway.cli.main", "maintain"],
+        [sys.executable, "-m", "gateway", "maintain"],
         env=env,
         capture_output=True,
         text=True,
