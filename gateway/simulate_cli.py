@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from gateway import registry
 from gateway.db import make_engine
 from gateway.settings import CommonSettings
-from gateway.simulate import Credentials, Simulation, Tally
+
+if TYPE_CHECKING:
+    from gateway.simulate import Credentials, Tally
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +33,10 @@ def provision(
     settings: CommonSettings, prefix: str, count: int, interval: float
 ) -> list[Credentials]:
     """Register the devices (or issue new tokens to ones already registered)."""
+    # The simulator (httpx) is a developer tool: imported when used, so the service image,
+    # built without the dev extras, runs every other `gateway` command.
+    from gateway.simulate import Credentials
+
     engine = make_engine(str(settings.database_url), pool_size=1)
     creds = []
     try:
@@ -52,6 +59,8 @@ def provision(
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    from gateway.simulate import Simulation
+
     settings = CommonSettings()
     creds = provision(settings, args.prefix, args.devices, args.interval)
     print(
