@@ -22,13 +22,18 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 RUN python3 -m venv /opt/gateway
 WORKDIR /src
+# The dependencies first, in a layer of their own: a change to the sources alone rebuilds only
+# the last step, not the downloads.
+COPY pyproject.toml ./
+RUN python3 -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' > /tmp/requirements.txt \
+ && /opt/gateway/bin/pip install -r /tmp/requirements.txt
 # README.md is pyproject's `readme`, so the build needs it.
-COPY pyproject.toml README.md ./
+COPY README.md ./
 COPY gateway/ gateway/
 COPY bridge/ bridge/
 COPY worker/ worker/
 COPY api/ api/
-RUN /opt/gateway/bin/pip install .
+RUN /opt/gateway/bin/pip install . --no-deps
 
 # ---- runtime: Python and the virtualenv only (no sources, no build tools), not root --------
 FROM ${BASE_IMAGE}
