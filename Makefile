@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run up down status test fault-report lint format bench bench-history install clean compose-env
+.PHONY: run up down status test compose-test compose-base-image fault-report lint format bench bench-history install clean compose-env
 
 run: install  ## Start the stack in the foreground; Ctrl-C stops everything
 	$(BIN)/gateway stack run
@@ -19,9 +19,16 @@ down:  ## Stop what `make up` started
 status: install
 	$(BIN)/gateway stack status
 
-test: install  ## The whole suite: unit, integration, end-to-end (starts its own stack)
+test: install  ## The whole suite: unit, integration, end-to-end, compose (starts its own stack and dockerd)
 	$(BIN)/gateway stack install --with-test-tools
 	$(BIN)/pytest
+
+compose-test: install  ## docker-compose.yaml built and started for real on a private dockerd, and tested
+	$(BIN)/gateway stack install --with-test-tools
+	$(BIN)/pytest -m compose tests/test_compose_up.py
+
+compose-base-image:  ## A Debian trixie base image from Debian's mirror (no registry): BASE_IMAGE=gw-base:trixie
+	docker/base-image.sh gw-base:trixie trixie
 
 fault-report: install  ## The last run's fault report into docs/results/faults.json and the table of docs/guarantees.md
 	$(BIN)/python tests/fault_report.py

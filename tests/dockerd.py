@@ -27,8 +27,27 @@ DOCKER_ROOT = Path(os.environ.get("GATEWAY_DOCKER_ROOT", "/var/lib/gw-docker"))
 BASE_IMAGE = "gw-base:trixie"
 
 
+#: Debian packages the engine and the base image need (package -> command), installed by
+#: `install_packages` when root, as `gateway stack install` does for the stack's.
+PACKAGES = {
+    "docker.io": "/usr/sbin/dockerd",
+    "docker-compose": "docker-compose",
+    "debootstrap": "/usr/sbin/debootstrap",
+}
+
+
 class DockerdError(RuntimeError):
     """The engine is missing or did not start; the message says why."""
+
+
+def install_packages() -> None:
+    """Install what is missing of PACKAGES (root), or say what to install."""
+    from gateway.localstack import StackError, require_system_packages
+
+    try:
+        require_system_packages(PACKAGES)
+    except (StackError, OSError, subprocess.CalledProcessError) as exc:
+        raise DockerdError(str(exc)) from exc
 
 
 class _UnixConnection(http.client.HTTPConnection):
