@@ -18,6 +18,7 @@ import fault_report
 import httpx
 import pytest
 import redis
+from broker4 import broker_stack_class
 from sqlalchemy import Engine
 from support import OPERATOR_TOKEN, Device, unavailable, unique
 
@@ -30,7 +31,7 @@ from gateway.localstack import LocalStack, StackError
 def stack() -> Iterator[LocalStack]:
     """RabbitMQ, PostgreSQL and Redis of the test stack (started if needed)."""
     os.environ["GATEWAY_OPERATOR_TOKEN"] = OPERATOR_TOKEN
-    test_stack = LocalStack.test()
+    test_stack = broker_stack_class().test()  # GATEWAY_TEST_BROKER: the broker's version
     was_running = test_stack.component("rabbitmq").pid() is not None
     try:
         test_stack.up(apps=False, echo=False)
