@@ -25,7 +25,7 @@ test: install  ## The whole suite: unit, integration, end-to-end, compose (start
 
 compose-test: install  ## docker-compose.yaml built and started for real on a private dockerd, and tested
 	$(BIN)/gateway stack install --with-test-tools
-	$(BIN)/pytest -m compose tests/test_compose_up.py
+	$(BIN)/pytest -m compose tests/test_compose_up.py $(PYTEST_ARGS)
 
 compose-base-image:  ## A Debian trixie base image from Debian's mirror (no registry): BASE_IMAGE=gw-base:trixie
 	docker/base-image.sh gw-base:trixie trixie
