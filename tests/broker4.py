@@ -101,7 +101,9 @@ class Rabbitmq4Stack(LocalStack):
         environment = {
             name: value
             for name, value in self.rabbitmq_env().items()
-            if name.startswith("RABBITMQ_") or name == "HOME"
+            if (name.startswith("RABBITMQ_") or name == "HOME")
+            # The node runs in the foreground in its container (the host's is `-detached`).
+            and name != "RABBITMQ_ALLOW_INPUT"
         }
         environment["RABBITMQ_LOGS"] = str(self.log_dir / f"{self.node_name}.log")
         self.docker(
@@ -148,6 +150,13 @@ class Rabbitmq4Stack(LocalStack):
             self._dockerd = engine  # not started here: its stop() leaves it running
         if self.container in self.docker("ps", "--format", "{{.Names}}").stdout.split():
             self.docker("stop", "--time", "60", self.container, timeout=120)
+
+    def up(self, *, apps: bool = True, echo: bool = True) -> None:
+        try:
+            super().up(apps=apps, echo=echo)
+        except BaseException:
+            self.down(echo=False)  # nothing left running (the engine included) when it fails
+            raise
 
     def down(self, *, echo: bool = True) -> None:
         super().down(echo=echo)
