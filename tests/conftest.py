@@ -115,7 +115,7 @@ def api(apps: LocalStack) -> Iterator[httpx.Client]:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     """The reports of this run: one row per injected fault, and liveness detection delays."""
-    run_dir = LocalStack.test().run_dir
+    run_dir = broker_stack_class().test().run_dir
     write = terminalreporter.write_line
     faults = run_dir / "fault-report.json"
     if faults.exists() and faults.stat().st_mtime >= config._gateway_started:
@@ -135,4 +135,4 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
 def pytest_configure(config) -> None:
     config._gateway_started = time.time()
     for report in ("fault-report.json", "liveness-report.json"):
-        (LocalStack.test().run_dir / report).unlink(missing_ok=True)
+        (broker_stack_class().test().run_dir / report).unlink(missing_ok=True)
