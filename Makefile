@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run up down status test test-rabbitmq4 compose-test compose-base-image fault-report lint format bench bench-history install clean compose-env
+.PHONY: run up down status test broker-test compose-test compose-base-image fault-report lint format bench bench-history install clean compose-env
 
 run: install  ## Start the stack in the foreground; Ctrl-C stops everything
 	$(BIN)/gateway stack run
@@ -30,7 +30,7 @@ test: install  ## The whole suite (starts its own stack and dockerd), then the b
 	$(BIN)/pytest
 	GATEWAY_TEST_BROKER=rabbitmq4 $(BIN)/pytest $(BROKER_TESTS)
 
-test-rabbitmq4: install  ## The broker-facing tests alone, on RabbitMQ 4 (in a container of the private dockerd)
+broker-test: install  ## The broker-facing tests alone, on RabbitMQ 4 (in a container of the private dockerd)
 	$(BIN)/gateway stack install --with-test-tools
 	GATEWAY_TEST_BROKER=rabbitmq4 $(BIN)/pytest $(BROKER_TESTS) $(PYTEST_ARGS)
 
