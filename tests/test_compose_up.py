@@ -209,10 +209,8 @@ def test_every_service_is_healthy_on_rabbitmq_4(
         f"{compose.management_url}/api/overview", auth=("gateway", admin), timeout=10
     ).json()
     assert overview["rabbitmq_version"].startswith("4."), overview["rabbitmq_version"]
-    plugins = {
-        plugin for listener in overview["listeners"] for plugin in [listener["protocol"]] if plugin
-    }
-    assert {"amqp", "mqtt", "mqtt/ssl", "https/web-mqtt"} <= plugins, plugins
+    protocols = {listener["protocol"] for listener in overview["listeners"]}
+    assert {"amqp", "mqtt", "mqtt/ssl", "https/web-mqtt"} <= protocols, protocols
     (postgres,) = compose.psql("SHOW server_version")[0]
     redis = compose.compose(
         "exec", "-T", "redis", "redis-server", "--version", timeout=30
@@ -476,7 +474,7 @@ def test_stop_then_up_keeps_the_state_in_the_volumes(
     assert compose.containers("rabbitmq") == [] or all(
         not compose.inspect(c)["State"]["Running"] for c in compose.containers("rabbitmq")
     )
-    seconds = compose.up()
+    compose.up()
     report.lines["stop, then up until healthy"] = f"{time.monotonic() - started:.1f} s"
     with httpx.Client(
         base_url=compose.api_url,
@@ -492,7 +490,6 @@ def test_stop_then_up_keeps_the_state_in_the_volumes(
         # The registry survived: the same token still logs in.
         assert mosquitto_pub(compose, device, "heartbeat", '{"msg_id": "after"}').returncode == 0
         poll(lambda: len(history(fresh, device.device_id)) == 31, what="the heartbeat after")
-    assert seconds > 0
 
 
 def test_the_production_profile_refuses_to_start_without_its_secrets(
