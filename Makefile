@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run up down status test test-unit fault-report lint format bench bench-history install clean compose-env
+.PHONY: run up down status test test-unit broker-test compose-test compose-base-image fault-report lint format bench bench-history install clean compose-env
 
 run: install  ## Start the stack in the foreground; Ctrl-C stops everything
 	$(BIN)/gateway stack run
@@ -19,9 +19,27 @@ down:  ## Stop what `make up` started
 status: install
 	$(BIN)/gateway stack status
 
-test: install  ## The whole suite: unit, integration, end-to-end (starts its own stack)
+#: The broker-facing tests (logins through the api, topic rights, Last Will, dead letters, the
+#: size limit), run again on RabbitMQ 4 after the whole suite ran on the host's RabbitMQ 3.10.
+BROKER_TESTS := tests/e2e/test_access.py tests/e2e/test_bad_input.py tests/e2e/test_dead_letters.py \
+	tests/e2e/test_liveness.py tests/e2e/test_e2e.py \
+	tests/e2e/test_security.py::test_the_broker_refuses_a_message_too_big_and_the_rest_flow
+
+test: install  ## The whole suite (starts its own stack and dockerd), then the broker-facing part on RabbitMQ 4
 	$(BIN)/gateway stack install --with-test-tools
 	$(BIN)/pytest
+	GATEWAY_TEST_BROKER=rabbitmq4 $(BIN)/pytest $(BROKER_TESTS)
+
+broker-test: install  ## The broker-facing tests alone, on RabbitMQ 4 (in a container of the private dockerd)
+	$(BIN)/gateway stack install --with-test-tools
+	GATEWAY_TEST_BROKER=rabbitmq4 $(BIN)/pytest $(BROKER_TESTS) $(PYTEST_ARGS)
+
+compose-test: install  ## docker-compose.yaml built and started for real on a private dockerd, and tested
+	$(BIN)/gateway stack install --with-test-tools
+	$(BIN)/pytest -m compose tests/e2e/test_compose_up.py $(PYTEST_ARGS)
+
+compose-base-image:  ## A Debian trixie base image from Debian's mirror (no registry): BASE_IMAGE=gw-base:trixie
+	docker/base-image.sh gw-base:trixie trixie
 
 test-unit: install  ## Only the unit tests: no service needed
 	$(BIN)/pytest tests/unit

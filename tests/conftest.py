@@ -18,6 +18,7 @@ import fault_report
 import httpx
 import pytest
 import redis
+from broker4 import broker_stack_class
 from sqlalchemy import Engine
 from support import OPERATOR_TOKEN, Device, unavailable, unique
 
@@ -30,7 +31,7 @@ from gateway.storage.engine import make_engine
 def stack() -> Iterator[LocalStack]:
     """RabbitMQ, PostgreSQL and Redis of the test stack (started if needed)."""
     os.environ["GATEWAY_OPERATOR_TOKEN"] = OPERATOR_TOKEN
-    test_stack = LocalStack.test()
+    test_stack = broker_stack_class().test()  # GATEWAY_TEST_BROKER: the broker's version
     was_running = test_stack.component("rabbitmq").pid() is not None
     try:
         test_stack.up(apps=False, echo=False)
@@ -114,7 +115,7 @@ def api(apps: LocalStack) -> Iterator[httpx.Client]:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     """The reports of this run: one row per injected fault, and liveness detection delays."""
-    run_dir = LocalStack.test().run_dir
+    run_dir = broker_stack_class().test().run_dir
     write = terminalreporter.write_line
     faults = run_dir / "fault-report.json"
     if faults.exists() and faults.stat().st_mtime >= config._gateway_started:
@@ -134,4 +135,4 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
 def pytest_configure(config) -> None:
     config._gateway_started = time.time()
     for report in ("fault-report.json", "liveness-report.json"):
-        (LocalStack.test().run_dir / report).unlink(missing_ok=True)
+        (broker_stack_class().test().run_dir / report).unlink(missing_ok=True)

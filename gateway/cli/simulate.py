@@ -35,9 +35,11 @@ def provision(
     settings: CommonSettings, prefix: str, count: int, interval: float
 ) -> list[Credentials]:
     """Register the devices (or issue new tokens to ones already registered)."""
-    engine = make_engine(str(settings.database_url), pool_size=1)
+    # The simulator (httpx) is a developer tool: imported when used, so the service image,
+    # built without the dev extras, runs every other `gateway` command.
     from gateway.devtools.simulate import Credentials
 
+    engine = make_engine(str(settings.database_url), pool_size=1)
     creds = []
     try:
         with engine.begin() as conn:

@@ -19,6 +19,7 @@ import httpx
 import paho.mqtt.client as mqtt
 import pytest
 import redis
+from broker4 import broker_stack_class
 from sqlalchemy import Engine, make_url, text
 from support import Device, mqtt_session, poll, publish_acked
 
@@ -98,7 +99,8 @@ def record(name: str, delays: list[float]) -> dict:
         "p50_s": round(statistics.median(delays), 3),
         "max_s": round(max(delays), 3),
     }
-    report = LocalStack.test().run_dir / "liveness-report.json"
+    report = broker_stack_class().test().run_dir / "liveness-report.json"
+    report.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(report.read_text()) if report.exists() else []
     report.write_text(json.dumps([r for r in rows if r["what"] != name] + [row], indent=2))
     return row
