@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dockerd import BASE_IMAGE, Dockerd, DockerdError, install_packages
 
-from gateway.devtools.localstack import RABBITMQ_DIR, LocalStack, StackError, _require_free
+from gateway.devtools.localstack import RABBITMQ_DIR, LocalStack, StackError, require_free
 
 #: The broker under test: unset (or `rabbitmq3`) is the host's, `rabbitmq4` this module's.
 BROKER_VARIABLE = "GATEWAY_TEST_BROKER"
@@ -96,7 +96,7 @@ class Rabbitmq4Stack(LocalStack):
         (base / "rabbitmq.conf").write_text(self.rabbitmq_config())
         self.write_definitions()
         p = self.ports
-        _require_free(p.amqp, p.mqtt, p.mqtt_tls, p.web_mqtt_tls, p.management, p.dist)
+        require_free(p.amqp, p.mqtt, p.mqtt_tls, p.web_mqtt_tls, p.management, p.dist)
         self.docker("rm", "-f", self.container)
         environment = {
             name: value

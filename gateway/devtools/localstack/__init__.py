@@ -5,6 +5,7 @@ from gateway.devtools.localstack.base import (
     BENCH_PORTS,
     DEV_PORTS,
     PROJECT_ROOT,
+    RABBITMQ_DIR,
     SYSTEM_PACKAGES,
     TEST_PACKAGES,
     TEST_PORTS,
@@ -13,6 +14,7 @@ from gateway.devtools.localstack.base import (
     StackError,
     missing_packages,
     port_open,
+    require_free,
     require_system_packages,
 )
 from gateway.devtools.localstack.rabbitmq import apply_overrides, config_lines
@@ -22,6 +24,7 @@ __all__ = [
     "BENCH_PORTS",
     "DEV_PORTS",
     "PROJECT_ROOT",
+    "RABBITMQ_DIR",
     "SYSTEM_PACKAGES",
     "TEST_PACKAGES",
     "TEST_PORTS",
@@ -33,6 +36,7 @@ __all__ = [
     "config_lines",
     "missing_packages",
     "port_open",
+    "require_free",
     "require_system_packages",
     "running",
 ]
