@@ -75,7 +75,19 @@ def _bounded_object(value: dict[str, Any], what: str) -> dict[str, Any]:
         raise ValueError(f"{what} cannot be stored: {exc}") from None
     if size > MAX_ARGS_BYTES:
         raise ValueError(f"{what} is {size} bytes encoded; the limit is {MAX_ARGS_BYTES}")
+    if _holds_nul(value):  # JSON takes \u0000; PostgreSQL's jsonb refuses it
+        raise ValueError(f"{what} cannot be stored: a key or a string holds NUL (\\u0000)")
     return value
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in key or _holds_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return False
 
 
 class CommandRequest(BaseModel):

@@ -48,6 +48,15 @@ def test_a_reply_converts() -> None:
             json.dumps({"id": CID, "status": "succeeded", "result": {"x": "a" * 9000}}).encode(),
             Reason.INVALID_FIELD,
         ),
+        # jsonb refuses \u0000 (a NUL in a key or a string): refused here, not by the database.
+        (
+            json.dumps({"id": CID, "status": "failed", "result": {"a\x00": 1}}).encode(),
+            Reason.INVALID_FIELD,
+        ),
+        (
+            json.dumps({"id": CID, "status": "failed", "result": {"a": ["\x00"]}}).encode(),
+            Reason.INVALID_FIELD,
+        ),
         (b'{"id": "' + b"a" * 17000 + b'"}', Reason.TOO_LARGE),
         (b'{"id": 1, "id": 2}', Reason.DUPLICATE_KEY),
     ],
@@ -93,6 +102,10 @@ def test_requests_are_bounded() -> None:
         {"name": "x", "ttl_s": 7 * 24 * 3600 + 1},
         {"name": "x", "args": {"k": "v" * 9000}},
         {"name": "x", "args": [1]},
+        # Found by the api fuzz: a NUL in a key of args was a 500 (jsonb refuses \u0000).
+        {"name": "0", "args": {"\x002": "", "b": 1}},
+        {"name": "x", "args": {"a": [{"b": "c\x00"}]}},
+        {"name": "x", "args": {"\ud80b\udd4e": 1}},
         {"name": "x", "other": 1},
     ):
         with pytest.raises(ValidationError):
