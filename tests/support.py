@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import os
 import random
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -187,3 +189,26 @@ def plan_of(engine: Any, statement: str, parameters: Any) -> str:
         rows = conn.exec_driver_sql(f"EXPLAIN {statement}", parameters).all()
         conn.rollback()
     return "\n".join(row[0] for row in rows)
+
+
+def run_readme_blocks(stack: Any, *markers: str) -> tuple[str, subprocess.CompletedProcess]:
+    """Run the README's shell blocks marked `<!-- marker -->`, in order, as written, against the
+    test stack: its ports, its operator token, and a device of its own instead of `pump-7`.
+    Returns that device's id and what bash printed."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = [readme.split(f"<!-- {m} -->\n```sh\n", 1)[1].split("```", 1)[0] for m in markers]
+    device = unique("pump")
+    token_file = stack.run_dir / "operator-token.readme"
+    script = (
+        "".join(blocks)
+        .replace(".run/dev/operator-token", str(token_file))
+        .replace("pump-7", device)
+        .replace("127.0.0.1:8000", f"127.0.0.1:{stack.ports.api}")
+        .replace("-p 1884", f"-p {stack.ports.mqtt}")
+    )
+    token_file.write_text(OPERATOR_TOKEN + "\n")
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return device, done

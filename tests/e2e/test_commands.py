@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
-from support import OPERATOR_TOKEN, Device, poll, unique
+from support import Device, poll, run_readme_blocks
 
 from gateway.contract.commands import CommandRequest
 from gateway.storage import command_store
@@ -300,22 +300,7 @@ def test_status_changes_are_events_on_the_stream(apps, api, device) -> None:
 def test_readme_commands_block_works_as_written(apps, api) -> None:
     """The provisioning block, then the commands block: the command reaches mosquitto_sub,
     mosquitto_pub's reply makes it `succeeded`."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    provisioning = readme.split("<!-- provisioning -->\n```sh\n", 1)[1].split("```", 1)[0]
-    commands_block = readme.split("<!-- commands -->\n```sh\n", 1)[1].split("```", 1)[0]
-    device = unique("pump")
-    script = (
-        (provisioning + commands_block)
-        .replace(".run/dev/operator-token", str(apps.run_dir / "operator-token.readme"))
-        .replace("pump-7", device)
-        .replace("127.0.0.1:8000", f"127.0.0.1:{apps.ports.api}")
-        .replace("-p 1884", f"-p {apps.ports.mqtt}")
-    )
-    (apps.run_dir / "operator-token.readme").write_text(OPERATOR_TOKEN + "\n")
-    done = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
+    _, done = run_readme_blocks(apps, "provisioning", "commands")
     delivered = re.search(r'\{"id":"([0-9a-f-]{36})","name":"reboot"', done.stdout)
     assert delivered, done.stdout
     command_id = delivered.group(1)

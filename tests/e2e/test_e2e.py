@@ -13,7 +13,14 @@ from pathlib import Path
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
-from support import OPERATOR_TOKEN, SEED_SHAPE, Device, history, poll, unavailable, unique
+from support import (
+    SEED_SHAPE,
+    Device,
+    history,
+    poll,
+    run_readme_blocks,
+    unavailable,
+)
 
 from gateway.devtools.localstack import LocalStack
 
@@ -279,20 +286,7 @@ def dead_letters(api: httpx.Client, device: Device) -> list[dict]:
 
 
 def test_readme_provisioning_block_works_as_written(apps, api) -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    block = readme.split("<!-- provisioning -->\n```sh\n", 1)[1].split("```", 1)[0]
-    device = unique("pump")
-    script = (
-        block.replace(".run/dev/operator-token", str(apps.run_dir / "operator-token.readme"))
-        .replace("pump-7", device)
-        .replace("127.0.0.1:8000", f"127.0.0.1:{apps.ports.api}")
-        .replace("-p 1884", f"-p {apps.ports.mqtt}")
-    )
-    (apps.run_dir / "operator-token.readme").write_text(OPERATOR_TOKEN + "\n")
-    done = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
+    device, done = run_readme_blocks(apps, "provisioning")
     assert '"id":' in done.stdout
     stored = poll(lambda: len(history(api, device)) == 2 and history(api, device), what="2 rows")
     assert sorted(h["source"] for h in stored) == ["http", "mqtt"]
