@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 
 class CommandHub:
-    def __init__(self) -> None:
-        self.dispatcher: Dispatcher | None = None
+    def __init__(self, dispatcher: Dispatcher | None = None) -> None:
+        #: None where nothing publishes commands (an app under test without a broker).
+        self.dispatcher = dispatcher
         self._listening = False
         #: Devices that may have live commands, each with a count of the changes seen.
         self._maybe: dict[str, int] = {}

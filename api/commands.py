@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from api.auth import Operator
 from api.command_hub import hand_over
 from api.context import Context, DevicePath, context
-from api.ingest import authenticate_device, device_bearer, read_body
+from api.ingest import authenticate_device, device_bearer, read_body, refuse, unconfirmed
 from api.responses import errors
 from gateway.amqp.publisher import PublishFailed
 from gateway.contract.commands import (
@@ -28,10 +28,9 @@ from gateway.contract.commands import (
     CommandStatus,
     parse_reply,
 )
-from gateway.contract.messages import Rejection, Source, utcnow
+from gateway.contract.messages import Source, utcnow
 from gateway.contract.payload import MAX_PAYLOAD_BYTES, decode_json
 from gateway.contract.reasons import InputError, Reason, unforeseen
-from gateway.runtime import metrics
 from gateway.storage import command_store
 from gateway.storage.reads import MAX_CURSOR, MAX_PAGE
 from gateway.storage.views import Page
@@ -188,23 +187,11 @@ async def reply(
         body = _with_id(raw, command_id)
         converted = parse_reply(device_id, body, Source.HTTP, received_at)
     except InputError as error:
-        await _dead_letter(ctx, error, raw, device_id, path)
-        code = {
-            Reason.TOO_LARGE: status.HTTP_413_CONTENT_TOO_LARGE,
-            Reason.NOT_JSON: status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
-            Reason.NOT_UTF8: status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
-        }.get(error.reason, status.HTTP_422_UNPROCESSABLE_CONTENT)
-        raise HTTPException(code, error.detail) from None
+        raise await refuse(ctx, error, raw, device_id, path) from None
     try:
         await ctx.publisher.publish_reply(converted)
     except PublishFailed as exc:
-        metrics.PUBLISH_FAILURES.labels("api").inc()
-        log.warning("reply from %s not accepted: %s", device_id, exc)
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            "the broker did not confirm the reply; retry later (it is stored once)",
-            headers={"Retry-After": "1"},
-        ) from None
+        raise unconfirmed(device_id, "reply", exc, "retry later (it is stored once)") from None
     return ReplyAccepted(id=command_id)
 
 
@@ -231,14 +218,3 @@ def _body_with_id(raw: bytes, command_id: uuid.UUID) -> bytes:
             Reason.INVALID_FIELD, f"id: {str(given)[:80]!r} is not the path's command id"
         )
     return json.dumps(document).encode()
-
-
-async def _dead_letter(
-    ctx: Context, error: InputError, body: bytes, device_id: str, path: str
-) -> None:
-    metrics.REJECTED.labels(Source.HTTP.value, error.reason.value).inc()
-    rejection = Rejection.of(error, body[:65536], Source.HTTP, device_id=device_id, topic=path)
-    try:
-        await ctx.publisher.publish_rejection(rejection)
-    except PublishFailed as exc:
-        log.warning("could not dead-letter a refused reply: %s", exc)

@@ -73,8 +73,7 @@ async def open_context(settings: ApiSettings) -> AsyncIterator[Context]:
     try:
         publisher = await Publisher.open(connection, timeout=settings.api_confirm_timeout_s)
         tokens = TokenCache()
-        hub = CommandHub()
-        hub.dispatcher = Dispatcher(engine, publisher)
+        hub = CommandHub(Dispatcher(engine, publisher))
         stream = StatusStream(engine.url, tokens, hub)
         stream.start()
         forwarder = Forwarder(

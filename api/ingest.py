@@ -125,32 +125,38 @@ async def accept(
         heartbeat = heartbeat_from(device_id, raw, Source.HTTP, received_at)
     except InputError as error:
         error = with_content_type_hint(headers, error)
-        raise await _refuse(ctx, error, raw, device_id, path) from None
+        raise await refuse(ctx, error, raw, device_id, path) from None
     try:
         await ctx.forwarder.forward(heartbeat)
     except PublishFailed as exc:
-        metrics.PUBLISH_FAILURES.labels("api").inc()
-        log.warning("heartbeat from %s not accepted: %s", device_id, exc)
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            "the broker did not confirm the heartbeat; retry later (with the same msg_id it is "
-            "stored once)",
-            headers={"Retry-After": "1"},
+        raise unconfirmed(
+            device_id, "heartbeat", exc, "retry later (with the same msg_id it is stored once)"
         ) from None
     except Exception as exc:  # not the broker: it would fail again, so it is refused
         error = unforeseen(exc, "a heartbeat over http to forward")
-        raise await _refuse(ctx, error, raw, device_id, path) from None
+        raise await refuse(ctx, error, raw, device_id, path) from None
     RECEIVED_HTTP.inc()
     return Accepted(id=str(heartbeat.id), commands=await commands_for_heartbeat(ctx, device_id))
 
 
-async def _refuse(
+async def refuse(
     ctx: Context, error: InputError, raw: bytes, device_id: str, path: str
 ) -> HTTPException:
-    """Dead-letter refused input; the client's answer says why."""
+    """Dead-letter refused input from a device over HTTP; the client's answer says why."""
     await _dead_letter(ctx, error, raw, device_id, path)
     return HTTPException(
         STATUS_FOR_REASON.get(error.reason, status.HTTP_422_UNPROCESSABLE_CONTENT), error.detail
+    )
+
+
+def unconfirmed(device_id: str, what: str, exc: PublishFailed, retry: str) -> HTTPException:
+    """The broker did not confirm what a device sent over HTTP: a 503 it may retry."""
+    metrics.PUBLISH_FAILURES.labels("api").inc()
+    log.warning("%s from %s not accepted: %s", what, device_id, exc)
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        f"the broker did not confirm the {what}; {retry}",
+        headers={"Retry-After": "1"},
     )
 
 

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import os
 import random
+import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -212,3 +214,66 @@ def run_readme_blocks(stack: Any, *markers: str) -> tuple[str, subprocess.Comple
     )
     assert done.returncode == 0, done.stderr
     return device, done
+
+
+class MqttSession:
+    """A paho MQTT 3.1.1 client on 127.0.0.1 that records what the broker answered: the CONNACK,
+    the SUBACK, the messages it got, and whether the connection ended."""
+
+    def __init__(
+        self,
+        port: int,
+        username: str | None,
+        password: str | None,
+        client_id: str,
+        *,
+        will_topic: str | None = None,
+    ) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.connack: Any = None
+        self.suback: list[Any] | None = None
+        self.disconnected = threading.Event()
+        self.messages: list[Any] = []
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311
+        )
+        self.client.reconnect_delay_set(60, 60)  # never retry on its own during a test
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if will_topic is not None:
+            self.client.will_set(will_topic, "offline", qos=1)
+        self.client.on_connect = lambda c, u, f, rc, p: setattr(self, "connack", rc)
+        self.client.on_subscribe = lambda c, u, m, rcs, p: setattr(self, "suback", list(rcs))
+        self.client.on_disconnect = lambda *a: self.disconnected.set()
+        self.client.on_message = lambda c, u, m: self.messages.append(m)
+        self.client.connect("127.0.0.1", port, keepalive=30)
+        self.client.loop_start()
+        poll(lambda: self.connack is not None, what="CONNACK")
+
+    @property
+    def accepted(self) -> bool:
+        return self.connack is not None and not self.connack.is_failure
+
+    def publish(self, topic: str, payload: bytes) -> bool:
+        """True when the broker acknowledged (PUBACK); False when it refused."""
+        return publish_acked(self.client, topic, payload)
+
+    def subscribe_granted(self, topic: str) -> bool:
+        self.suback = None
+        result, _ = self.client.subscribe(topic, qos=1)
+        if result != 0:  # MQTT_ERR_SUCCESS
+            return False
+        poll(lambda: self.suback is not None or self.disconnected.is_set(), what="SUBACK")
+        return self.suback is not None and not any(code.is_failure for code in self.suback)
+
+    def drop(self) -> None:
+        """The connection ends without DISCONNECT (the broker then publishes the Last Will)."""
+        self.client.loop_stop()
+        sock = self.client.socket()
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -10,16 +10,14 @@ import asyncio
 import re
 import secrets
 import subprocess
-import threading
 from pathlib import Path
 
 import aio_pika
 import httpx
-import paho.mqtt.client as mqtt
 import pytest
 from pydantic import ValidationError
 from sqlalchemy import create_engine
-from support import Device, history, poll, publish_acked, unique
+from support import Device, MqttSession, history, poll, unique
 
 from gateway.amqp import accounts
 from gateway.devtools.localstack import LocalStack
@@ -29,55 +27,13 @@ from gateway.storage import registry
 pytestmark = pytest.mark.e2e
 
 
-class Session:
-    """A paho client that records what the broker answered."""
+class Session(MqttSession):
+    """A device's (or anyone's) MQTT session with the test stack's broker."""
 
     def __init__(
         self, stack: LocalStack, username: str | None, password: str | None, client_id: str
-    ):
-        self.connack: mqtt.ReasonCode | None = None
-        self.suback: list[mqtt.ReasonCode] | None = None
-        self.disconnected = threading.Event()
-        self.messages: list[mqtt.MQTTMessage] = []
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311
-        )
-        self.client.reconnect_delay_set(60, 60)  # never retry on its own during a test
-        if username is not None:
-            self.client.username_pw_set(username, password)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = lambda *a: self.disconnected.set()
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = lambda c, u, m: self.messages.append(m)
-        self.client.connect("127.0.0.1", stack.ports.mqtt, keepalive=30)
-        self.client.loop_start()
-        poll(lambda: self.connack is not None, what="CONNACK")
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        self.connack = reason_code
-
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        self.suback = list(reason_codes)
-
-    @property
-    def accepted(self) -> bool:
-        return self.connack is not None and not self.connack.is_failure
-
-    def publish(self, topic: str, payload: bytes) -> bool:
-        """True when the broker acknowledged (PUBACK); False when it refused."""
-        return publish_acked(self.client, topic, payload)
-
-    def subscribe_granted(self, topic: str) -> bool:
-        self.suback = None
-        result, _ = self.client.subscribe(topic, qos=1)
-        if result != mqtt.MQTT_ERR_SUCCESS:
-            return False
-        poll(lambda: self.suback is not None or self.disconnected.is_set(), what="SUBACK")
-        return self.suback is not None and not any(code.is_failure for code in self.suback)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+    ) -> None:
+        super().__init__(stack.ports.mqtt, username, password, client_id)
 
 
 def connect(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -27,7 +26,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from compose_stack import COMPOSE_FILE, PRODUCTION_FILE, ComposeError, ComposeStack
 from dockerd import Dockerd, DockerdError, install_packages
-from support import Device, poll, unavailable, unique
+from support import Device, MqttSession, poll, unavailable, unique
 
 pytestmark = [pytest.mark.compose, pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -130,60 +129,19 @@ def mosquitto_pub(
     )
 
 
-class Session:
-    """A paho MQTT 3.1.1 client that records what the broker answered."""
+class Session(MqttSession):
+    """A device's MQTT session with compose's broker."""
 
     def __init__(
         self, compose: ComposeStack, device: Device, *, password: str | None = None, will=False
-    ):
-        self.connack: mqtt.ReasonCode | None = None
-        self.suback: list[mqtt.ReasonCode] | None = None
-        self.disconnected = threading.Event()
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=device.device_id,
-            protocol=mqtt.MQTTv311,
+    ) -> None:
+        super().__init__(
+            compose.mqtt_port,
+            device.device_id,
+            password or device.token,
+            device.device_id,
+            will_topic=f"devices/{device.device_id}/status" if will else None,
         )
-        self.client.reconnect_delay_set(60, 60)
-        self.client.username_pw_set(device.device_id, password or device.token)
-        if will:
-            self.client.will_set(f"devices/{device.device_id}/status", "offline", qos=1)
-        self.client.on_connect = lambda c, u, f, rc, p: setattr(self, "connack", rc)
-        self.client.on_subscribe = lambda c, u, m, rcs, p: setattr(self, "suback", list(rcs))
-        self.client.on_disconnect = lambda *a: self.disconnected.set()
-        self.client.connect("127.0.0.1", compose.mqtt_port, keepalive=30)
-        self.client.loop_start()
-        poll(lambda: self.connack is not None, what="CONNACK")
-
-    @property
-    def accepted(self) -> bool:
-        return self.connack is not None and not self.connack.is_failure
-
-    def publish(self, topic: str, payload: bytes) -> bool:
-        """True once the broker acknowledged (PUBACK)."""
-        info = self.client.publish(topic, payload, qos=1)
-        with contextlib.suppress(RuntimeError, ValueError):
-            info.wait_for_publish(timeout=10)
-        return info.is_published()
-
-    def subscribe_granted(self, topic: str) -> bool:
-        self.suback = None
-        result, _ = self.client.subscribe(topic, qos=1)
-        if result != mqtt.MQTT_ERR_SUCCESS:
-            return False
-        poll(lambda: self.suback is not None or self.disconnected.is_set(), what="SUBACK")
-        return self.suback is not None and not any(code.is_failure for code in self.suback)
-
-    def drop(self) -> None:
-        """The connection ends without DISCONNECT (the broker then publishes the Last Will)."""
-        self.client.loop_stop()
-        sock = self.client.socket()
-        sock.shutdown(socket.SHUT_RDWR)
-        sock.close()
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def stored_by_msg_id(compose: ComposeStack, device_ids: list[str]) -> dict[str, int]:
